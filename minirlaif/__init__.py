@@ -1,0 +1,1 @@
+"""minirlaif: a minimal, readable RLAIF pipeline (SFT -> AI labels -> reward model -> PPO -> win rates)."""
