@@ -1,0 +1,118 @@
+"""The shared sampler: batched, left-padded queries, a KV cache, temperature or greedy, early stop at EOS.
+
+label.py draws its candidate summaries with it, train_ppo.py its rollouts, evaluate.py its greedy summaries, and
+train_sft.py its progress samples. It also returns the log-probability of each sampled token under the
+temperature-scaled logits it sampled from, which PPO uses as its old log-probs (no second forward pass).
+`vllm_generate` is the optional fast path of label.py and evaluate.py (vLLM imported lazily).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minirlaif.models import hidden_states, head, pad_batch
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor    # (B, R) response tokens; pad after the first EOS
+    mask: torch.Tensor      # (B, R) 1 on response tokens up to and including the first EOS
+    logprobs: torch.Tensor  # (B, R) log p(token) under logits / temperature (greedy: temperature 1); 0 where masked
+
+
+@torch.no_grad()
+def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int,
+             temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
+             stop_at_eos: bool = True) -> Generation:
+    """Sample `max_new_tokens` tokens after left-padded queries (B, Q), stopping once every row has emitted EOS.
+
+    Tokens after a row's first EOS are replaced by pad and masked out (as `losses.truncate_after_eos` would), so the
+    result has at most `max_new_tokens` columns and fewer when every row finished early.
+    """
+    B, device = query_ids.shape[0], query_ids.device
+    cache = _new_cache(model)
+    mask = query_mask
+    positions = mask.long().cumsum(-1) - 1
+    hidden, cache = hidden_states(model, query_ids, mask, cache=cache, positions=positions.clamp(min=0))
+    next_pos = positions[:, -1:] + 1  # (B, 1) position of the first response token
+    tokens, logprobs, done = [], [], torch.zeros(B, dtype=torch.bool, device=device)
+    temp = 1.0 if greedy else temperature
+    for _ in range(max_new_tokens):
+        logits = head(model)(hidden[:, -1]).float() / temp  # (B, V)
+        logp = torch.log_softmax(logits, dim=-1)  # (B, V)
+        if greedy:
+            tok = logp.argmax(-1)  # (B,)
+        else:
+            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+        tok_logp = logp.gather(-1, tok[:, None]).squeeze(-1)  # (B,)
+        # rows that already finished emit pad, masked out
+        tokens.append(torch.where(done, pad_id, tok))
+        logprobs.append(torch.where(done, 0.0, tok_logp))
+        done = done | (tok == eos_id)
+        if stop_at_eos and bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
+        hidden, cache = hidden_states(model, tokens[-1][:, None], mask, cache=cache, positions=next_pos)
+        next_pos = next_pos + 1
+    tokens = torch.stack(tokens, dim=1)  # (B, R)
+    return Generation(tokens=tokens, mask=(tokens != pad_id).long(), logprobs=torch.stack(logprobs, dim=1))
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+def generate_texts(model, tokenizer, queries: list[list[int]], max_new_tokens: int, batch_size: int,
+                   temperature: float = 1.0, greedy: bool = False, seed: int = 0, device="cpu",
+                   progress: bool = False) -> list[dict]:
+    """Generate for many queries in batches; returns [{"text", "token_ids"}] in the input order.
+
+    Queries are batched in length order (less padding); the generator is seeded once, so the output depends
+    only on the seed, the queries and the batch size.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
+    out: list[dict | None] = [None] * len(queries)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, desc="generate", leave=False)
+    for idx in batches:
+        ids, mask = pad_batch([queries[i] for i in idx], tokenizer.pad_token_id, side="left")
+        gen = generate(model, ids.to(device), mask.to(device), max_new_tokens, tokenizer.eos_token_id,
+                       tokenizer.pad_token_id, temperature=temperature, greedy=greedy, generator=g)
+        for row, i in enumerate(idx):
+            toks = gen.tokens[row][gen.mask[row].bool()].tolist()
+            out[i] = {"text": decode_summary(tokenizer, toks), "token_ids": toks}
+    return out
+
+
+def decode_summary(tokenizer, token_ids: list[int]) -> str:
+    """The summary text of a response: the decoded tokens without the leading space and the EOS."""
+    if token_ids and token_ids[-1] == tokenizer.eos_token_id:
+        token_ids = token_ids[:-1]
+    text = tokenizer.decode(token_ids, skip_special_tokens=False)
+    return text[1:] if text.startswith(" ") else text
+
+
+def vllm_generate(model_path: str, queries: list[list[int]], n: int, max_new_tokens: int, temperature: float,
+                  seed: int, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.8) -> list[list[dict]]:
+    """vLLM sampling from token ids (no re-tokenisation), `n` samples per query, seeded; greedy at temperature 0."""
+    from vllm import LLM, SamplingParams  # optional dependency
+
+    llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, seed=seed,
+              gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False)
+    tok = llm.get_tokenizer()
+    params = SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed,
+                            stop_token_ids=[tok.eos_token_id], skip_special_tokens=False)
+    prompts = [{"prompt_token_ids": q} for q in queries]
+    results = llm.generate(prompts, params)
+    return [[{"text": decode_summary(tok, list(o.token_ids)), "token_ids": list(o.token_ids)}
+             for o in r.outputs] for r in results]

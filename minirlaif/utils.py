@@ -1,0 +1,392 @@
+"""Small shared helpers: config parsing, seeding, distributed setup, files, manifests, logging.
+
+Every stage script uses these, so they are the one place for: how a dataclass config becomes a CLI, how a
+stage records what it did (`metrics.json`, `manifest.json`), how files are written so that a kill never leaves
+a half-written one, and how torchrun processes find each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------------------------------------------
+# config: a @dataclass with one docstring per field becomes an argparse CLI
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Read the string literal written under each field of a dataclass (cleanrl / tyro style docs)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(klass)))
+        body = tree.body[0].body
+        for stmt, nxt in zip(body, body[1:] + [None]):
+            is_doc = isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
+            if isinstance(stmt, ast.AnnAssign) and is_doc and isinstance(nxt.value.value, str):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _cli_type(tp):
+    """Map a field annotation to (argparse type, nargs-action). Supports bool, int, float, str, list[str]."""
+    if get_origin(tp) is list:
+        return get_args(tp)[0], "append"
+    args = [a for a in get_args(tp) if a is not type(None)]  # Optional[X] -> X
+    return (args[0] if args else tp), None
+
+
+def parse_config(cls, presets: dict[str, dict[str, Any]], argv: list[str] | None = None):
+    """Build `cls` from preset defaults overridden by command-line flags.
+
+    Order: dataclass defaults (the tiny preset) -> `presets[--preset]` -> flags given on the command line. String
+    fields may contain `{preset}` (e.g. `runs/{preset}/sft`), filled in last, so stage paths chain per preset.
+    """
+    docs, hints = field_docs(cls), get_type_hints(cls)
+    defaults = cls()
+    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp, action = _cli_type(hints[f.name])
+        default = getattr(defaults, f.name)
+        overrides = [f"{p}: {v[f.name]}" for p, v in presets.items() if f.name in v]
+        help_ = docs.get(f.name, "") + (f" [{'; '.join(overrides)}]" if overrides else "")
+        kw = dict(default=argparse.SUPPRESS, help=help_ + f" (default: {default})")
+        if f.name == "preset":
+            kw["choices"] = ["tiny", *[p for p in presets if p != "tiny"]]
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif action == "append":
+            parser.add_argument(flag, type=tp, action="append", **kw)
+        else:
+            parser.add_argument(flag, type=tp, **kw)
+    given = vars(parser.parse_args(argv))
+    preset = given.get("preset", getattr(defaults, "preset", "tiny"))
+    cfg = dataclasses.replace(defaults, **{**presets.get(preset, {}), **given})
+    return resolve_paths(cfg)
+
+
+def resolve_paths(cfg):
+    """Fill `{preset}` in every string field (idempotent)."""
+    updates = {f.name: getattr(cfg, f.name).format(preset=cfg.preset) for f in dataclasses.fields(cfg)
+               if isinstance(getattr(cfg, f.name), str) and "{preset}" in getattr(cfg, f.name)}
+    return dataclasses.replace(cfg, **updates)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# randomness and devices
+
+
+def set_seed(seed: int) -> None:
+    """Seed every global RNG a stage may touch (Python, NumPy, torch CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclasses.dataclass
+class Dist:
+    """Where this process sits in a torchrun job (a plain single process is rank 0 of 1)."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master_process(self) -> bool:
+        return self.rank == 0
+
+
+def setup_dist(device: str = "auto") -> Dist:
+    """Join the torchrun process group if launched by torchrun (nccl on GPU, gloo on CPU)."""
+    want_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if want_cuda else "cpu"))
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group(backend="nccl" if want_cuda else "gloo")
+    dev = torch.device(f"cuda:{local_rank}") if want_cuda else torch.device("cpu")
+    return Dist(rank=rank, local_rank=local_rank, world_size=world, device=dev)
+
+
+def cleanup_dist(dist: Dist) -> None:
+    if dist.ddp:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def all_reduce(x: torch.Tensor, dist: Dist, op: str = "sum") -> torch.Tensor:
+    """Sum (or mean) a tensor over ranks; identity in a single process."""
+    if dist.ddp:
+        x = x.clone()
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.SUM)
+        if op == "mean":
+            x /= dist.world_size
+    return x
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA; a no-op on CPU (CPU bf16 matmuls are slow and the tiny preset runs in fp32)."""
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files: atomic writes, jsonl, hashes
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename): a kill leaves the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save through a temp file + rename, so a checkpoint on disk is always complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def read_jsonl_resumable(path: str | Path) -> list[dict]:
+    """Rows of an append-only jsonl that a kill may have cut mid-line.
+
+    A partial last line (no trailing newline, or not valid JSON) is the row that was in flight: it is cut off the
+    file so appending continues cleanly. A bad line anywhere else is real corruption and raises, naming the line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    rows, good_bytes = [], 0
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        if last and line == b"":
+            break
+        try:
+            if last:  # no newline after it: written only partly
+                raise ValueError("unterminated")
+            rows.append(json.loads(line))
+            good_bytes += len(line) + 1
+        except ValueError:
+            if not last:
+                raise ValueError(f"{path}:{i + 1}: malformed JSON line in a resumable output file") from None
+            with open(path, "r+b") as fh:
+                fh.truncate(good_bytes)
+    return rows
+
+
+def append_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Append rows and fsync, so a row on disk survives a kill of the process."""
+    with open(path, "a") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# files in a stage dir that change on every run and say nothing about its content
+_VOLATILE = ("manifest.json", "metrics.json", "metrics.jsonl", "samples.jsonl")
+
+
+def sha256_path(path: str | Path) -> str | None:
+    """Hash of a file, or of a directory's top-level content files (models, data); None if missing.
+
+    Sub-directories (checkpoints) and per-run logs are left out, so a directory's hash names its content.
+    """
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for p in sorted(path.iterdir()):
+        if p.is_file() and p.name not in _VOLATILE and not p.name.endswith((".tmp", ".png", ".log")):
+            h.update(p.name.encode() + b"\0" + sha256_file(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# manifests: what a stage ran with, so a result can be traced and a rerun skipped
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("-dirty" if dirty else "")) or None
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "tokenizers", "datasets", "numpy", "einops", "vllm", "openai"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def config_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def write_manifest(out_dir: str | Path, cfg, inputs: dict[str, str], **extra) -> None:
+    """manifest.json: config, git commit, inputs with their hashes, package versions, seed, command line."""
+    write_json(Path(out_dir) / "manifest.json", {
+        "config": config_dict(cfg),
+        "seed": getattr(cfg, "seed", None),
+        "git_commit": git_commit(),
+        "inputs": {name: {"path": str(p), "sha256": sha256_path(p)} for name, p in inputs.items()},
+        "packages": package_versions(),
+        "argv": sys.argv,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    })
+
+
+# config fields that control how a run proceeds, not what it computes
+RUN_CONTROL_FIELDS = ("resume",)
+
+
+def same_config(a: dict, b: dict) -> bool:
+    strip = lambda d: {k: v for k, v in d.items() if k not in RUN_CONTROL_FIELDS}  # noqa: E731
+    return strip(a) == strip(json.loads(json.dumps(b, default=_json_default)))
+
+
+def finished_metrics(out_dir: str | Path, cfg) -> dict | None:
+    """The metrics of a finished run of this exact config in out_dir, else None (run_pipeline.sh's skip test)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "metrics.json").exists() or not (out_dir / "manifest.json").exists():
+        return None
+    if not same_config(read_json(out_dir / "manifest.json")["config"], config_dict(cfg)):
+        return None
+    return read_json(out_dir / "metrics.json")
+
+
+def check_resume_config(saved: dict, cfg, where: str) -> None:
+    """Refuse to resume a checkpoint made with another config: its state would not mean the same thing."""
+    cur = json.loads(json.dumps(config_dict(cfg), default=_json_default))
+    diff = sorted(k for k in set(saved) | set(cur)
+                  if k not in RUN_CONTROL_FIELDS and saved.get(k) != cur.get(k))
+    if diff:
+        raise SystemExit(f"{where} was written with a different config ({', '.join(diff)} differ); "
+                         f"rerun with --no-resume to start over, or with the same flags to continue")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# logging: one dense line per step, a metrics.jsonl row, optional wandb / tensorboard
+
+
+class MetricLogger:
+    """Prints one line per logged step and appends it to out_dir/metrics.jsonl; wandb / tensorboard if asked."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, wandb_project: str = "", tensorboard: bool = False,
+                 config: dict | None = None, name: str = ""):
+        self.enabled, self.path = enabled, Path(out_dir) / "metrics.jsonl"
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.wandb = self.tb = None
+        if enabled and wandb_project:
+            import wandb  # optional, lazy
+            self.wandb = wandb.init(project=wandb_project, name=name or None, config=config)
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional, lazy
+            self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
+
+    def log(self, step: int, metrics: dict[str, float], echo=print) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        append_jsonl(self.path, [row])
+        echo(f"step {step:5d} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k != "step"))
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
+        if self.tb is not None:
+            for k, v in row.items():
+                self.tb.add_scalar(k, v, step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows logged after the checkpoint, so no step appears twice."""
+        if self.enabled and self.path.exists():
+            rows = [r for r in read_jsonl_resumable(self.path) if r["step"] <= step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.replace(tmp, self.path)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
