@@ -53,6 +53,8 @@ class Config:
     """tiny: where the synthetic task's files are written (if missing); empty for real data"""
     dataset: str = "runs/{preset}/data/sft"
     """SFT data: hub id or local file/dir in the tldr_3_filtered or trl-lib/tldr schema"""
+    max_train_posts: int = -1
+    """use at most this many training posts (-1: all)"""
     model: str = ""
     """hub id or path of the model to fine-tune; empty: build a tiny GPT-2 from the config below"""
     n_layer: int = 4
@@ -106,7 +108,7 @@ class Config:
 
 
 PRESETS = {
-    "micro": dict(max_steps=12, n_layer=2, n_embd=64, n_head=2, eval_every=6, checkpoint_every=6, n_val=32,
+    "micro": dict(max_train_posts=512, max_steps=12, n_layer=2, n_embd=64, n_head=2, eval_every=6, checkpoint_every=6, n_val=32,
                   n_judge=16, log_every=2, warmup_steps=2, micro_batch_size=8, batch_size=16),
     "gpt2-large": dict(task_dir="", dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered", model="gpt2-large",
                        max_query_tokens=512, max_completion_tokens=128, batch_size=64, micro_batch_size=8,
@@ -215,6 +217,7 @@ def main(cfg: Config) -> dict:
     if dist.ddp:
         torch.distributed.barrier()
     train_posts, train_stats = load_posts(cfg.dataset, "train")
+    train_posts = train_posts[: cfg.max_train_posts] if cfg.max_train_posts > 0 else train_posts
     val_posts, val_stats = load_posts(cfg.dataset, "validation")
 
     # tokenizer and model
@@ -260,7 +263,7 @@ def main(cfg: Config) -> dict:
               f"grad_accum {grad_accum}, world {dist.world_size}, device {device}")
 
     # the loop: one global batch per step
-    t0, last_loss = time.time(), float("nan")
+    t0, start_step, last_loss = time.time(), step, float("nan")
     bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc="sft", disable=not master)
     for step in bar:
         for group in optimizer.param_groups:
@@ -290,7 +293,7 @@ def main(cfg: Config) -> dict:
         if done % cfg.eval_every == 0 or done == total_steps:
             metrics["sft/val_loss"] = validation_loss(model, val, cfg, tokenizer.pad_token_id, device, dist)
         if done % cfg.log_every == 0 or "sft/val_loss" in metrics:
-            metrics["sft/seq_per_s"] = (done - bar.initial) * cfg.batch_size / (time.time() - t0)
+            metrics["sft/seq_per_s"] = (done - start_step) * cfg.batch_size / (time.time() - t0)
             logger.log(done, metrics, echo=tqdm.write)
         if done % cfg.checkpoint_every == 0 and done < total_steps:
             save_atomic({"step": done, "state": rng_state()}, ckpt_dir / f"rng_rank{dist.rank}.pt")

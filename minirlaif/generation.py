@@ -37,7 +37,7 @@ def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_t
     positions = mask.long().cumsum(-1) - 1
     hidden, cache = hidden_states(model, query_ids, mask, cache=cache, positions=positions.clamp(min=0))
     next_pos = positions[:, -1:] + 1  # (B, 1) position of the first response token
-    tokens, logprobs, done = [], [], torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logprobs, valid, done = [], [], [], torch.zeros(B, dtype=torch.bool, device=device)
     temp = 1.0 if greedy else temperature
     for _ in range(max_new_tokens):
         logits = head(model)(hidden[:, -1]).float() / temp  # (B, V)
@@ -50,14 +50,15 @@ def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_t
         # rows that already finished emit pad, masked out
         tokens.append(torch.where(done, pad_id, tok))
         logprobs.append(torch.where(done, 0.0, tok_logp))
+        valid.append(~done)  # the mask comes from EOS positions, never from comparing ids with pad
         done = done | (tok == eos_id)
         if stop_at_eos and bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
         hidden, cache = hidden_states(model, tokens[-1][:, None], mask, cache=cache, positions=next_pos)
         next_pos = next_pos + 1
-    tokens = torch.stack(tokens, dim=1)  # (B, R)
-    return Generation(tokens=tokens, mask=(tokens != pad_id).long(), logprobs=torch.stack(logprobs, dim=1))
+    return Generation(tokens=torch.stack(tokens, dim=1), mask=torch.stack(valid, dim=1).long(),
+                      logprobs=torch.stack(logprobs, dim=1))
 
 
 def _new_cache(model):

@@ -1,0 +1,138 @@
+"""Masks, forward passes and the shared KV-cache sampler on tiny random GPT-2s."""
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+from minirlaif.generation import decode_summary, generate, generate_texts
+from minirlaif.losses import logprobs_from_logits
+from minirlaif.models import (fold_reward_offset, last_index, pad_batch, position_ids, response_logits,
+                              sequence_rewards, tiny_gpt2_config, token_scores, train_bpe_tokenizer)
+
+TEXTS = [f"my friend ({a}F) of {n} years said {w} and 1 or 2 things." for a in range(16, 40)
+         for n, w in [(1, "hello"), (3, "goodbye"), (7, "nothing")]]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe_tokenizer(TEXTS, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def policy(tok):
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(tiny_gpt2_config(tok, n_layer=2, n_head=2, n_embd=32, n_positions=128)).eval()
+
+
+@pytest.fixture(scope="module")
+def rm(tok):
+    torch.manual_seed(1)
+    cfg = tiny_gpt2_config(tok, n_layer=2, n_head=2, n_embd=32, n_positions=128)
+    cfg.num_labels = 1
+    return GPT2ForSequenceClassification(cfg).eval()
+
+
+def test_tokenizer_is_deterministic_and_pads_apart_from_eos(tok):
+    again = train_bpe_tokenizer(TEXTS, vocab_size=300)
+    assert again.get_vocab() == tok.get_vocab()
+    assert tok.pad_token_id != tok.eos_token_id
+    assert tok.decode(tok(" hello")["input_ids"]) == " hello"
+
+
+def test_pad_batch_masks_positions_last_index():
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert position_ids(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert last_index(mask).tolist() == [2, 2]
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0, side="right")
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and last_index(mask).tolist() == [2, 0]
+
+
+def test_response_logits_match_the_full_forward(policy, tok):
+    ids, mask = pad_batch([tok("my friend said hello")["input_ids"], tok("2 things")["input_ids"]],
+                          tok.pad_token_id, side="left")
+    full = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    torch.testing.assert_close(response_logits(policy, ids, mask, 2), full[:, -3:-1])
+
+
+def _texts_as_queries(tok):
+    return [tok(t)["input_ids"][:n] for t, n in zip(TEXTS[:5], [3, 9, 5, 12, 7])]
+
+
+def test_sampler_logprobs_equal_a_fresh_forward_pass(policy, tok):
+    ids, mask = pad_batch(_texts_as_queries(tok), tok.pad_token_id, side="left")
+    g = torch.Generator().manual_seed(0)
+    gen = generate(policy, ids, mask, 10, tok.eos_token_id, tok.pad_token_id, temperature=0.7, generator=g)
+    full_ids, full_mask = torch.cat([ids, gen.tokens], 1), torch.cat([mask, gen.mask], 1)
+    logits = response_logits(policy, full_ids, full_mask, gen.tokens.shape[1])
+    fresh = logprobs_from_logits(logits, gen.tokens, temperature=0.7) * gen.mask
+    torch.testing.assert_close(gen.logprobs, fresh, atol=1e-5, rtol=1e-5)
+    # seeded: the same generator seed gives the same samples
+    again = generate(policy, ids, mask, 10, tok.eos_token_id, tok.pad_token_id, temperature=0.7,
+                     generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.tokens, gen.tokens)
+
+
+def test_sampler_stops_and_masks_after_eos(tok):
+    # a "model" that always emits EOS after one token: every row stops, so generation stops early
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_gpt2_config(tok, 1, 1, 16, 64)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        bias = torch.full((len(tok),), -1e4)
+        bias[tok.eos_token_id] = 0.0
+        model.lm_head.bias = torch.nn.Parameter(bias)
+    ids, mask = pad_batch(_texts_as_queries(tok), tok.pad_token_id, side="left")
+    gen = generate(model, ids, mask, 10, tok.eos_token_id, tok.pad_token_id, temperature=1.0,
+                   generator=torch.Generator().manual_seed(0))
+    assert gen.tokens.shape == (5, 1) and (gen.tokens == tok.eos_token_id).all() and gen.mask.all()
+
+
+def test_sampler_pads_after_each_rows_own_eos(policy, tok):
+    ids, mask = pad_batch(_texts_as_queries(tok), tok.pad_token_id, side="left")
+    gen = generate(policy, ids, mask, 30, tok.eos_token_id, tok.pad_token_id, temperature=2.0,
+                   generator=torch.Generator().manual_seed(1))
+    for row, m in zip(gen.tokens.tolist(), gen.mask.tolist()):
+        if tok.eos_token_id in row:
+            k = row.index(tok.eos_token_id)
+            assert m[: k + 1] == [1] * (k + 1) and m[k + 1:] == [0] * (len(row) - k - 1)
+            assert all(t == tok.pad_token_id for t in row[k + 1:])
+    assert (gen.logprobs[gen.mask == 0] == 0).all()
+
+
+def test_greedy_generation_is_batch_independent(policy, tok):
+    queries = _texts_as_queries(tok)
+    together = generate_texts(policy, tok, queries, 8, batch_size=5, greedy=True)
+    alone = [generate_texts(policy, tok, [q], 8, batch_size=1, greedy=True)[0] for q in queries]
+    assert [o["token_ids"] for o in together] == [o["token_ids"] for o in alone]
+
+
+def test_decode_summary_strips_one_space_and_eos(tok):
+    ids = tok(" hello goodbye")["input_ids"] + [tok.eos_token_id]
+    assert decode_summary(tok, ids) == "hello goodbye"
+
+
+def test_rewards_read_at_last_real_token_under_any_padding(rm, tok):
+    seqs = [tok("my friend said hello")["input_ids"] + [tok.eos_token_id], tok("2 things")["input_ids"]]
+    left = sequence_rewards(rm, *pad_batch(seqs, tok.pad_token_id, side="left"))
+    right = sequence_rewards(rm, *pad_batch(seqs, tok.pad_token_id, side="right"))
+    alone = torch.cat([sequence_rewards(rm, *pad_batch([s], tok.pad_token_id)) for s in seqs])
+    torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-5)
+    ids, mask = pad_batch(seqs, tok.pad_token_id, side="right")
+    torch.testing.assert_close(token_scores(rm, ids, mask)[torch.arange(2), last_index(mask)], right)
+
+
+def test_fold_reward_offset_survives_save_and_plain_load(rm, tok, tmp_path):
+    seqs = [tok(t)["input_ids"] for t in TEXTS[:4]]
+    ids, mask = pad_batch(seqs, tok.pad_token_id)
+    before = sequence_rewards(rm, ids, mask)
+    model = GPT2ForSequenceClassification(rm.config)
+    model.load_state_dict(rm.state_dict())
+    fold_reward_offset(model, 0.75)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(sequence_rewards(loaded, ids, mask), before - 0.75, atol=1e-5, rtol=1e-5)
+    assert loaded.config.reward_offset == 0.75

@@ -1,0 +1,98 @@
+"""Shared helpers: the config CLI, resumable jsonl, hashes, finished-run detection."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from minirlaif import utils
+
+
+@dataclass
+class Cfg:
+    preset: str = "tiny"
+    """which preset"""
+    out_dir: str = "runs/{preset}/x"
+    """where outputs go"""
+    lr: float = 1e-3
+    """peak learning rate"""
+    steps: int = 5
+    """optimizer steps"""
+    resume: bool = True
+    """continue from a checkpoint"""
+    policy: list[str] = None
+    """NAME=PATH, repeatable"""
+
+
+PRESETS = {"big": {"lr": 1e-5, "steps": 100}}
+
+
+def test_parse_config_layers_defaults_presets_flags():
+    assert utils.parse_config(Cfg, PRESETS, []) == Cfg(out_dir="runs/tiny/x")
+    c = utils.parse_config(Cfg, PRESETS, ["--preset", "big", "--steps", "7", "--no-resume"])
+    assert (c.lr, c.steps, c.resume, c.out_dir) == (1e-5, 7, False, "runs/big/x")
+    c = utils.parse_config(Cfg, PRESETS, ["--policy", "a=1", "--policy", "b=2", "--out-dir", "/tmp/o"])
+    assert c.policy == ["a=1", "b=2"] and c.out_dir == "/tmp/o"
+
+
+def test_help_lists_every_field_with_its_doc(capsys):
+    with pytest.raises(SystemExit):
+        utils.parse_config(Cfg, PRESETS, ["--help"])
+    out = capsys.readouterr().out
+    for flag, doc in [("--out-dir", "where outputs go"), ("--lr", "peak learning rate"), ("--no-resume", ""),
+                      ("--policy", "NAME=PATH")]:
+        assert flag in out and doc in out
+    assert "big: 1e-05" in out  # preset overrides are shown
+
+
+def test_field_docs():
+    assert utils.field_docs(Cfg)["steps"] == "optimizer steps"
+
+
+def test_read_jsonl_resumable_cuts_partial_last_line(tmp_path):
+    p = tmp_path / "rows.jsonl"
+    utils.append_jsonl(p, [{"id": 1}, {"id": 2}])
+    with open(p, "a") as fh:
+        fh.write('{"id": 3, "tru')  # a kill mid-write
+    assert utils.read_jsonl_resumable(p) == [{"id": 1}, {"id": 2}]
+    assert p.read_text() == '{"id": 1}\n{"id": 2}\n'
+    utils.append_jsonl(p, [{"id": 3}])
+    assert [r["id"] for r in utils.read_jsonl_resumable(p)] == [1, 2, 3]
+
+
+def test_read_jsonl_resumable_rejects_corruption_in_the_middle(tmp_path):
+    p = tmp_path / "rows.jsonl"
+    p.write_text('{"id": 1}\nnot json\n{"id": 3}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:2"):
+        utils.read_jsonl_resumable(p)
+
+
+def test_sha256_path_ignores_volatile_files(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    h = utils.sha256_path(tmp_path)
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.pt").write_bytes(b"x")
+    assert utils.sha256_path(tmp_path) == h
+    (tmp_path / "model.safetensors").write_bytes(b"other weights")
+    assert utils.sha256_path(tmp_path) != h
+    assert utils.sha256_path(tmp_path / "missing") is None
+
+
+def test_finished_metrics_needs_same_config(tmp_path):
+    cfg = Cfg(out_dir=str(tmp_path))
+    assert utils.finished_metrics(tmp_path, cfg) is None
+    utils.write_manifest(tmp_path, cfg, {"data": str(tmp_path)})
+    utils.write_json(tmp_path / "metrics.json", {"acc": 0.7})
+    assert utils.finished_metrics(tmp_path, cfg) == {"acc": 0.7}
+    # run-control fields do not matter, real ones do
+    assert utils.finished_metrics(tmp_path, Cfg(out_dir=str(tmp_path), resume=False)) == {"acc": 0.7}
+    assert utils.finished_metrics(tmp_path, Cfg(out_dir=str(tmp_path), lr=0.5)) is None
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["config"]["lr"] == 1e-3 and "torch" in manifest["packages"]
+
+
+def test_check_resume_config_names_the_differences():
+    with pytest.raises(SystemExit, match="lr"):
+        utils.check_resume_config({**Cfg().__dict__, "lr": 0.1}, Cfg(), "ckpt")
+    utils.check_resume_config({**Cfg().__dict__, "resume": False}, Cfg(), "ckpt")
