@@ -34,8 +34,8 @@ from minirlaif.data import build_query, format_completion, load_posts
 from minirlaif.generation import generate_texts
 from minirlaif.models import (load_causal_lm, load_tokenizer, pad_batch, position_ids, tiny_gpt2_config,
                               train_bpe_tokenizer)
-from minirlaif.utils import (MetricLogger, all_reduce, autocast, check_resume_config, cleanup_dist, config_dict,
-                             finished_metrics, parse_config, rng_state, save_atomic, set_rng_state, set_seed,
+from minirlaif.utils import (MetricLogger, all_reduce, autocast, batch_indices, cleanup_dist, clear_checkpoint,
+                             config_dict, finished_metrics, load_checkpoint, parse_config, quiet_transformers, save_checkpoint, set_seed,
                              setup_dist, write_json, write_manifest)
 
 
@@ -158,14 +158,6 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
     return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * frac)
 
 
-def batch_indices(step: int, n: int, cfg: Config) -> list[int]:
-    """The global batch of a step: a seeded permutation per epoch, so a resumed run sees the same data."""
-    per_epoch = n // cfg.batch_size
-    epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-    return perm[k * cfg.batch_size: (k + 1) * cfg.batch_size].tolist()
-
-
 @torch.no_grad()
 def validation_loss(model, examples, cfg: Config, pad_id: int, device, dist) -> float:
     model.eval()
@@ -202,6 +194,7 @@ def main(cfg: Config) -> dict:
     if (done := finished_metrics(out_dir, cfg)) is not None:
         print(f"{out_dir} already holds a finished run of this config; skipping (delete it to rerun)")
         return done
+    quiet_transformers()
     dist = setup_dist()
     device, master = dist.device, dist.master_process
     set_seed(cfg.seed + dist.rank)
@@ -241,17 +234,10 @@ def main(cfg: Config) -> dict:
 
     # resume: model, optimizer, step (which fixes the data position), RNG
     step, ckpt_dir = 0, out_dir / "checkpoint"
-    if cfg.resume and (ckpt_dir / "state.pt").exists():
-        state = torch.load(ckpt_dir / "state.pt", map_location=device, weights_only=False)
-        check_resume_config(state["config"], cfg, str(ckpt_dir))
+    if cfg.resume and (state := load_checkpoint(ckpt_dir, cfg, dist, map_location=device)) is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
-        rng = torch.load(ckpt_dir / f"rng_rank{dist.rank}.pt", weights_only=False)
-        if rng["step"] == step:  # else killed between the two writes: this rank's RNG restarts from a seed
-            set_rng_state(rng["state"])
-        else:
-            set_seed(cfg.seed + dist.rank + 7919 * step)
         if master:
             print(f"resumed from {ckpt_dir} at step {step}")
     logger = MetricLogger(out_dir, enabled=master, wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard,
@@ -268,7 +254,7 @@ def main(cfg: Config) -> dict:
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total_steps, cfg)
-        batch = [train[i] for i in batch_indices(step, len(train), cfg)]
+        batch = [train[i] for i in batch_indices(step, len(train), cfg.batch_size, cfg.seed)]
         mine = batch[dist.rank::dist.world_size]  # this rank's share of the global batch
         micro = [collate(mine[i: i + cfg.micro_batch_size], tokenizer.pad_token_id)
                  for i in range(0, len(mine), cfg.micro_batch_size)]
@@ -296,10 +282,8 @@ def main(cfg: Config) -> dict:
             metrics["sft/seq_per_s"] = (done - start_step) * cfg.batch_size / (time.time() - t0)
             logger.log(done, metrics, echo=tqdm.write)
         if done % cfg.checkpoint_every == 0 and done < total_steps:
-            save_atomic({"step": done, "state": rng_state()}, ckpt_dir / f"rng_rank{dist.rank}.pt")
-            if master:  # state.pt last: its presence means the checkpoint is complete
-                save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                             "config": config_dict(cfg)}, ckpt_dir / "state.pt")
+            save_checkpoint(ckpt_dir, done, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                             "config": config_dict(cfg)}, dist)
         if not math.isfinite(last_loss):
             raise SystemExit(f"non-finite loss at step {done}; the last checkpoint in {ckpt_dir} is intact")
     bar.close()
@@ -319,8 +303,7 @@ def main(cfg: Config) -> dict:
         tokenizer.save_pretrained(out_dir)
         write_json(out_dir / "metrics.json", metrics)
         write_manifest(out_dir, cfg, {"dataset": cfg.dataset, "model": cfg.model or "(tiny, from scratch)"})
-        for f in ckpt_dir.glob("*"):  # the saved model supersedes the checkpoint
-            f.unlink()
+        clear_checkpoint(ckpt_dir)  # the saved model supersedes it
         print({k: v for k, v in metrics.items() if k != "samples"})
     cleanup_dist(dist)
     return metrics

@@ -22,16 +22,29 @@ class Generation:
     logprobs: torch.Tensor  # (B, R) log p(token) under logits / temperature (greedy: temperature 1); 0 where masked
 
 
+def row_seeds(*keys: int, n: int) -> list[int]:
+    """`n` well-mixed 63-bit seeds derived from integer keys (e.g. seed, update, row offset) and the row index."""
+    import numpy as np
+
+    return [int(np.random.SeedSequence([*keys, i]).generate_state(2, np.uint64)[0] >> 1) for i in range(n)]
+
+
 @torch.no_grad()
 def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int,
-             temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
+             temperature: float = 1.0, greedy: bool = False, seeds: list[int] | None = None,
              stop_at_eos: bool = True) -> Generation:
     """Sample `max_new_tokens` tokens after left-padded queries (B, Q), stopping once every row has emitted EOS.
 
-    Tokens after a row's first EOS are replaced by pad and masked out (as `losses.truncate_after_eos` would), so the
-    result has at most `max_new_tokens` columns and fewer when every row finished early.
+    Each row draws its randomness from its own generator, seeded by `seeds[row]` (Gumbel-max sampling: the argmax
+    of logits / T plus Gumbel noise is a sample of softmax(logits / T)). So a row's sample depends only on its
+    query and its seed, not on its batch mates: one process or several, large chunks or small, give the same
+    samples. Tokens after a row's first EOS are replaced by pad and masked out (as `losses.truncate_after_eos`
+    would); the result has at most `max_new_tokens` columns, fewer when every row finished early.
     """
     B, device = query_ids.shape[0], query_ids.device
+    if not greedy:
+        assert seeds is not None and len(seeds) == B, "sampling needs one seed per row"
+        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     cache = _new_cache(model)
     mask = query_mask
     positions = mask.long().cumsum(-1) - 1
@@ -45,7 +58,8 @@ def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_t
         if greedy:
             tok = logp.argmax(-1)  # (B,)
         else:
-            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+            u = torch.stack([torch.rand(logp.shape[1], generator=g, device=device) for g in gens])  # (B, V)
+            tok = (logp - torch.log(-torch.log(u.clamp(min=1e-20)))).argmax(-1)  # (B,) Gumbel-max sample
         tok_logp = logp.gather(-1, tok[:, None]).squeeze(-1)  # (B,)
         # rows that already finished emit pad, masked out
         tokens.append(torch.where(done, pad_id, tok))
@@ -75,10 +89,10 @@ def generate_texts(model, tokenizer, queries: list[list[int]], max_new_tokens: i
                    progress: bool = False) -> list[dict]:
     """Generate for many queries in batches; returns [{"text", "token_ids"}] in the input order.
 
-    Queries are batched in length order (less padding); the generator is seeded once, so the output depends
-    only on the seed, the queries and the batch size.
+    Queries are batched in length order (less padding); query i samples with seed row_seeds(seed)[i], so each
+    output depends only on its query, `seed` and i, never on the batching.
     """
-    g = torch.Generator(device=device).manual_seed(seed)
+    seeds = row_seeds(seed, n=len(queries))
     order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
     out: list[dict | None] = [None] * len(queries)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -88,7 +102,8 @@ def generate_texts(model, tokenizer, queries: list[list[int]], max_new_tokens: i
     for idx in batches:
         ids, mask = pad_batch([queries[i] for i in idx], tokenizer.pad_token_id, side="left")
         gen = generate(model, ids.to(device), mask.to(device), max_new_tokens, tokenizer.eos_token_id,
-                       tokenizer.pad_token_id, temperature=temperature, greedy=greedy, generator=g)
+                       tokenizer.pad_token_id, temperature=temperature, greedy=greedy,
+                       seeds=[seeds[i] for i in idx])
         for row, i in enumerate(idx):
             toks = gen.tokens[row][gen.mask[row].bool()].tolist()
             out[i] = {"text": decode_summary(tokenizer, toks), "token_ids": toks}

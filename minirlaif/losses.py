@@ -33,66 +33,73 @@ def _denominator(mask, dim=None, num_valid=None):
     return count.clamp(min=1)
 
 
-def masked_mean(x, mask, dim=None, num_valid=None):
+def masked_mean(x, mask, dim=None, num_valid=None, all_reduce=None):
     """Mean of `x` over valid positions: sum(x * mask) / sum(mask).
 
     x, mask: same shape, e.g. (B, T). With dim=None the result is a scalar, otherwise `dim` is reduced.
     num_valid: if given, divide by it instead of this call's number of valid elements. Used to normalise a
         loss over a whole mini-batch that is processed in several micro-batches: pass the mini-batch's total
         number of valid tokens to every micro-batch call and the micro-batch results *sum* to the mini-batch mean.
+    all_reduce: a function that sums a tensor over processes (DDP); with it (and dim=None) the mean is over the
+        valid positions of every process's `x`. Default: this process only.
     An empty mask gives 0 (the count is clamped to 1). Masked entries of `x` may hold anything, even inf/NaN.
     Follows masked_mean of OpenAI lm-human-preferences / TRL.
     """
     mask = mask.bool()
     x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))  # masked garbage -> 0
     total = x.sum() if dim is None else x.sum(dim)
+    if all_reduce is not None:
+        assert dim is None and num_valid is None, "all_reduce is for whole-tensor statistics"
+        return all_reduce(total) / all_reduce(mask.sum().to(total.dtype)).clamp(min=1)
     return total / _denominator(mask, dim, num_valid)
 
 
-def masked_var(x, mask, unbiased=False):
+def masked_var(x, mask, unbiased=False, all_reduce=None):
     """Variance of `x` over all valid positions (a scalar): mean_valid((x - mean_valid(x))^2).
 
     Biased (divide by n) by default, like OpenAI lm-human-preferences and the N+ details code. With
     unbiased=True the result is multiplied by n / (n - 1) (Bessel's correction), like TRL's masked_var.
     With unbiased=True and a single valid element the correction is skipped (n - 1 is clamped to 1) and the
-    result is 0, where torch.var would give NaN.
+    result is 0, where torch.var would give NaN. all_reduce: as in masked_mean (statistics over all processes).
     """
     mask = mask.bool()
-    mean = masked_mean(x, mask)
+    mean = masked_mean(x, mask, all_reduce=all_reduce)
     centered = torch.where(mask, x - mean, torch.zeros((), dtype=x.dtype, device=x.device))
-    var = masked_mean(centered**2, mask)
+    var = masked_mean(centered**2, mask, all_reduce=all_reduce)
     if unbiased:
-        n = mask.sum()
+        n = mask.sum() if all_reduce is None else all_reduce(mask.sum())
         var = var * n / (n - 1).clamp(min=1)
     return var
 
 
-def masked_whiten(x, mask, shift_mean=True, unbiased=False, eps=1e-8):
+def masked_whiten(x, mask, shift_mean=True, unbiased=False, eps=1e-8, all_reduce=None):
     """Whiten `x` with statistics of its valid positions: (x - mean) / sqrt(var + eps); 0 at masked positions.
 
     x, mask: (B, T) -> (B, T). mean and var are scalars over all valid positions of the batch.
     shift_mean=False adds the mean back (rescale only), as in OpenAI lm-human-preferences and TRL.
     Variance is biased by default (OpenAI / N+ details); unbiased=True matches TRL. Advantages are whitened
     with shift_mean=True; both are 'whiten' in OpenAI's code.
+    all_reduce: a function summing a tensor over DDP processes, so mean and var are global across ranks (the
+    trainer passes it; by default the statistics are this process's).
     """
     mask = mask.bool()
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=unbiased)
+    mean = masked_mean(x, mask, all_reduce=all_reduce)
+    var = masked_var(x, mask, unbiased=unbiased, all_reduce=all_reduce)
     whitened = (x - mean) * torch.rsqrt(var + eps)  # (B, T)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask, whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))
 
 
-def explained_variance(values, returns, mask):
+def explained_variance(values, returns, mask, all_reduce=None):
     """1 - Var[returns - values] / Var[returns] over valid tokens (a scalar; NaN when Var[returns] == 0).
 
     values, returns, mask: (B, T). 1 means the critic predicts the returns perfectly, 0 means it does no better
     than a constant, negative means worse. Same definition as cleanrl / the N+ details code
-    (`val/explained_variance`), with biased variances.
+    (`val/explained_variance`), with biased variances. all_reduce: as in masked_mean (over all processes).
     """
-    var_returns = masked_var(returns, mask)
-    var_residual = masked_var(returns - values, mask)
+    var_returns = masked_var(returns, mask, all_reduce=all_reduce)
+    var_residual = masked_var(returns - values, mask, all_reduce=all_reduce)
     nan = torch.full((), float("nan"), dtype=var_returns.dtype, device=var_returns.device)
     return torch.where(var_returns > 0, 1 - var_residual / var_returns, nan)
 
@@ -300,7 +307,9 @@ def ppo_value_loss(values, old_values, returns, mask, cliprange_value, num_valid
     values = torch.where(mask, values, zero)  # (B, T)
     old_values = torch.where(mask, old_values, zero)  # (B, T)
     returns = torch.where(mask, returns, zero)  # (B, T)
-    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)  # (B, T)
+    # clamp with tensor bounds returns `values` bit for bit when inside the range, so an unclipped token can never
+    # count as clipped through rounding (old + clamp(v - old, -c, c) can differ from v in the last bit)
+    values_clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)  # (B, T)
     vf_losses = (values - returns) ** 2  # (B, T)
     vf_losses_clipped = (values_clipped - returns) ** 2  # (B, T)
     vf_loss = 0.5 * masked_mean(torch.max(vf_losses, vf_losses_clipped), mask, num_valid=num_valid)

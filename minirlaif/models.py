@@ -137,10 +137,10 @@ def hidden_states(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache
     `positions` defaults to `position_ids(mask)`; with a cache, pass the new tokens' positions.
     """
     base = model.base_model
-    kw = {_cache_kwarg(base): cache, "use_cache": cache is not None}
+    name = _cache_kwarg(base)
     out = base(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask) if positions is None else positions,
-               **kw)
-    return out.last_hidden_state, (getattr(out, "cache", None) or getattr(out, "past_key_values", None))
+               use_cache=cache is not None, **{name: cache})
+    return out.last_hidden_state, (getattr(out, name) if cache is not None else None)
 
 
 def response_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, n_response: int) -> torch.Tensor:

@@ -96,6 +96,14 @@ def resolve_paths(cfg):
 # randomness and devices
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' load reports and progress bars (a new reward head is expected, not a warning)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def set_seed(seed: int) -> None:
     """Seed every global RNG a stage may touch (Python, NumPy, torch CPU and CUDA)."""
     random.seed(seed)
@@ -162,6 +170,26 @@ def all_reduce(x: torch.Tensor, dist: Dist, op: str = "sum") -> torch.Tensor:
         if op == "mean":
             x /= dist.world_size
     return x
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """Indices of the global batch of `step`: a seeded permutation per epoch, the last partial batch dropped.
+
+    A pure function of (step, seed), so a resumed run continues exactly where the killed one was in the data.
+    """
+    per_epoch = n // batch_size
+    assert per_epoch > 0, f"the dataset ({n}) is smaller than one batch ({batch_size})"
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return perm[k * batch_size: (k + 1) * batch_size].tolist()
+
+
+def all_reduce_grads(model: torch.nn.Module, dist: Dist) -> None:
+    """Sum gradients over ranks (losses are already normalised by global counts, so the sum is the gradient)."""
+    if dist.ddp:
+        for p in model.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
 
 
 def autocast(device: torch.device, enabled: bool = True):
@@ -245,6 +273,16 @@ def append_jsonl(path: str | Path, rows: list[dict]) -> None:
         os.fsync(fh.fileno())
 
 
+def truncate_jsonl(path: str | Path, key: str, last: int) -> None:
+    """Keep the rows of a jsonl log whose `key` is <= last (a resumed run rewrites what came after)."""
+    path = Path(path)
+    if path.exists():
+        rows = [r for r in read_jsonl_resumable(path) if r[key] <= last]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in rows))
+        os.replace(tmp, path)
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -272,6 +310,47 @@ def sha256_path(path: str | Path) -> str | None:
         if p.is_file() and p.name not in _VOLATILE and not p.name.endswith((".tmp", ".png", ".log")):
             h.update(p.name.encode() + b"\0" + sha256_file(p).encode() + b"\n")
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints: model/optimizer state from the master, RNG state from every rank
+
+
+def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict, dist: Dist, generators=()) -> None:
+    """Write a resumable checkpoint of `step`.
+
+    Every rank writes its RNG state (global RNGs plus the given torch.Generators) under a step-tagged name first;
+    the master then writes state.pt, whose presence marks the checkpoint complete. A kill between the two leaves
+    the previous state.pt with its own RNG files (the two newest per rank are kept).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    save_atomic({"step": step, "rng": rng_state(), "generators": [g.get_state() for g in generators]},
+                ckpt_dir / f"rng_rank{dist.rank}_step{step}.pt")
+    for old in sorted(ckpt_dir.glob(f"rng_rank{dist.rank}_step*.pt"),
+                      key=lambda p: int(p.stem.rsplit("step", 1)[1]))[:-2]:
+        old.unlink()
+    if dist.master_process:
+        save_atomic({**state, "step": step}, ckpt_dir / "state.pt")
+
+
+def load_checkpoint(ckpt_dir: str | Path, cfg, dist: Dist, generators=(), map_location=None) -> dict | None:
+    """The state saved by save_checkpoint (RNGs restored as a side effect), or None when there is none."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "state.pt").exists():
+        return None
+    state = torch.load(ckpt_dir / "state.pt", map_location=map_location, weights_only=False)
+    check_resume_config(state["config"], cfg, str(ckpt_dir))
+    rng = torch.load(ckpt_dir / f"rng_rank{dist.rank}_step{state['step']}.pt", weights_only=False)
+    set_rng_state(rng["rng"])
+    for g, g_state in zip(generators, rng["generators"]):
+        g.set_state(g_state)
+    return state
+
+
+def clear_checkpoint(ckpt_dir: str | Path) -> None:
+    """Remove a checkpoint once the final model is saved (it supersedes it)."""
+    for f in Path(ckpt_dir).glob("*"):
+        f.unlink()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -381,11 +460,8 @@ class MetricLogger:
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows logged after the checkpoint, so no step appears twice."""
-        if self.enabled and self.path.exists():
-            rows = [r for r in read_jsonl_resumable(self.path) if r["step"] <= step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            os.replace(tmp, self.path)
+        if self.enabled:
+            truncate_jsonl(self.path, "step", step)
 
 
 def _fmt(v: float) -> str:

@@ -61,16 +61,19 @@ def _texts_as_queries(tok):
 
 def test_sampler_logprobs_equal_a_fresh_forward_pass(policy, tok):
     ids, mask = pad_batch(_texts_as_queries(tok), tok.pad_token_id, side="left")
-    g = torch.Generator().manual_seed(0)
-    gen = generate(policy, ids, mask, 10, tok.eos_token_id, tok.pad_token_id, temperature=0.7, generator=g)
+    gen = generate(policy, ids, mask, 10, tok.eos_token_id, tok.pad_token_id, temperature=0.7, seeds=[1, 2, 3, 4, 5])
     full_ids, full_mask = torch.cat([ids, gen.tokens], 1), torch.cat([mask, gen.mask], 1)
     logits = response_logits(policy, full_ids, full_mask, gen.tokens.shape[1])
     fresh = logprobs_from_logits(logits, gen.tokens, temperature=0.7) * gen.mask
     torch.testing.assert_close(gen.logprobs, fresh, atol=1e-5, rtol=1e-5)
-    # seeded: the same generator seed gives the same samples
+    # seeded per row: the same seeds give the same samples, in any batch
     again = generate(policy, ids, mask, 10, tok.eos_token_id, tok.pad_token_id, temperature=0.7,
-                     generator=torch.Generator().manual_seed(0))
+                     seeds=[1, 2, 3, 4, 5])
     assert torch.equal(again.tokens, gen.tokens)
+    alone = generate(policy, ids[3:4, -12:], mask[3:4, -12:], 10, tok.eos_token_id, tok.pad_token_id,
+                     temperature=0.7, seeds=[4])
+    n = alone.tokens.shape[1]
+    assert torch.equal(alone.tokens[0], gen.tokens[3, :n]) and gen.mask[3, n:].sum() == 0
 
 
 def test_sampler_stops_and_masks_after_eos(tok):
@@ -86,14 +89,14 @@ def test_sampler_stops_and_masks_after_eos(tok):
         model.lm_head.bias = torch.nn.Parameter(bias)
     ids, mask = pad_batch(_texts_as_queries(tok), tok.pad_token_id, side="left")
     gen = generate(model, ids, mask, 10, tok.eos_token_id, tok.pad_token_id, temperature=1.0,
-                   generator=torch.Generator().manual_seed(0))
+                   seeds=list(range(5)))
     assert gen.tokens.shape == (5, 1) and (gen.tokens == tok.eos_token_id).all() and gen.mask.all()
 
 
 def test_sampler_pads_after_each_rows_own_eos(policy, tok):
     ids, mask = pad_batch(_texts_as_queries(tok), tok.pad_token_id, side="left")
     gen = generate(policy, ids, mask, 30, tok.eos_token_id, tok.pad_token_id, temperature=2.0,
-                   generator=torch.Generator().manual_seed(1))
+                   seeds=list(range(5)))
     for row, m in zip(gen.tokens.tolist(), gen.mask.tolist()):
         if tok.eos_token_id in row:
             k = row.index(tok.eos_token_id)
@@ -102,11 +105,22 @@ def test_sampler_pads_after_each_rows_own_eos(policy, tok):
     assert (gen.logprobs[gen.mask == 0] == 0).all()
 
 
-def test_greedy_generation_is_batch_independent(policy, tok):
+@pytest.mark.parametrize("greedy", [True, False])
+def test_generation_is_batch_independent(policy, tok, greedy):
     queries = _texts_as_queries(tok)
-    together = generate_texts(policy, tok, queries, 8, batch_size=5, greedy=True)
-    alone = [generate_texts(policy, tok, [q], 8, batch_size=1, greedy=True)[0] for q in queries]
-    assert [o["token_ids"] for o in together] == [o["token_ids"] for o in alone]
+    together = generate_texts(policy, tok, queries, 8, batch_size=5, greedy=greedy, seed=3)
+    small = generate_texts(policy, tok, queries, 8, batch_size=2, greedy=greedy, seed=3)
+    assert [o["token_ids"] for o in together] == [o["token_ids"] for o in small]
+
+
+def test_gumbel_max_sampling_matches_the_softmax():
+    """The sampler's Gumbel-max draws follow softmax(logits / T): a chi-square-free frequency check."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    counts = torch.zeros(4)
+    for s in range(4000):
+        u = torch.rand(4, generator=torch.Generator().manual_seed(s))
+        counts[(torch.log_softmax(logits / 0.7, -1) - torch.log(-torch.log(u))).argmax()] += 1
+    torch.testing.assert_close(counts / 4000, torch.softmax(logits / 0.7, -1), atol=0.02, rtol=0)
 
 
 def test_decode_summary_strips_one_space_and_eos(tok):

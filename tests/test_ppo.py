@@ -1,0 +1,254 @@
+"""train_ppo.py: rollout log-probs, score placement, EOS penalty, ratio-1 losses, masking, resume, torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+
+import train_ppo
+from minirlaif import losses, synthetic
+from minirlaif.data import build_query, load_posts
+from minirlaif.generation import row_seeds
+from minirlaif.models import pad_batch, response_logits, sequence_rewards, tiny_gpt2_config, train_bpe_tokenizer
+from minirlaif.utils import Dist, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A small task, a random tiny policy (sft/) and a reward model from it (rm/), saved like the real stages."""
+    root = tmp_path_factory.mktemp("ppo")
+    synthetic.write_task(root / "data", synthetic.TaskConfig(n_train=200, n_validation=10, n_test=10,
+                                                             n_comparison_posts_train=4,
+                                                             n_comparison_posts_validation=4))
+    posts, _ = load_posts(root / "data" / "sft", "train")
+    tok = train_bpe_tokenizer([p.post + " " + p.summary for p in posts], vocab_size=400)
+    torch.manual_seed(0)
+    cfg = tiny_gpt2_config(tok, n_layer=2, n_head=2, n_embd=32, n_positions=256)
+    policy = GPT2LMHeadModel(cfg)
+    # make EOS likely enough (logit about +3) that some responses end and some do not: the final LayerNorm's bias
+    # b is in every hidden state, and EOS's (tied) embedding points along it
+    with torch.no_grad():
+        b = torch.randn(32, generator=torch.Generator().manual_seed(0)) * 0.5
+        policy.transformer.ln_f.bias.copy_(b)
+        policy.transformer.wte.weight[tok.eos_token_id] = 3.0 * b / b.dot(b)
+    policy.save_pretrained(root / "sft")
+    tok.save_pretrained(root / "sft")
+    cfg.num_labels = 1
+    rm = GPT2ForSequenceClassification(cfg)
+    rm.transformer.load_state_dict(policy.transformer.state_dict())
+    rm.save_pretrained(root / "rm")
+    return {"root": root, "tok": tok, "posts": posts}
+
+
+def ppo_args(setup, out, *extra):
+    r = setup["root"]
+    return ["--preset", "micro", "--task-dir", "", "--dataset", str(r / "data" / "sft"), "--sft-path", str(r / "sft"),
+            "--rm-path", str(r / "rm"), "--out-dir", str(out), *extra]
+
+
+def load_models(setup, cfg):
+    from minirlaif.models import load_causal_lm, load_scalar_model
+
+    tok = setup["tok"]
+    policy = load_causal_lm(cfg.sft_path).eval()
+    ref = load_causal_lm(cfg.sft_path).eval()
+    value = load_scalar_model(cfg.rm_path, pad_token_id=tok.pad_token_id).eval()
+    rm = load_scalar_model(cfg.rm_path, pad_token_id=tok.pad_token_id).eval()
+    return policy, ref, value, rm
+
+
+@pytest.fixture(scope="module")
+def batch(setup, tmp_path_factory):
+    cfg = parse_config(train_ppo.Config, train_ppo.PRESETS,
+                       ppo_args(setup, tmp_path_factory.mktemp("o"), "--response-length", "12"))
+    tok = setup["tok"]
+    models = load_models(setup, cfg)
+    queries = [build_query(tok, p, cfg.max_query_tokens)[1] for p in setup["posts"][:12]]
+    b = train_ppo.rollout(*models, queries, row_seeds(5, n=12), tok, cfg, torch.device("cpu"))
+    return {"cfg": cfg, "models": models, "batch": b, "queries": queries}
+
+
+def test_rollout_logprobs_equal_a_fresh_forward_pass(batch):
+    b, cfg = batch["batch"], batch["cfg"]
+    policy, ref, value, rm = batch["models"]
+    ids, mask = torch.cat([b["query"], b["response"]], 1), torch.cat([b["query_mask"], b["response_mask"]], 1)
+    R = b["response"].shape[1]
+    with torch.no_grad():
+        fresh = losses.logprobs_from_logits(response_logits(policy, ids, mask, R), b["response"], cfg.temperature)
+        ref_fresh = losses.logprobs_from_logits(response_logits(ref, ids, mask, R), b["response"], cfg.temperature)
+    m = b["response_mask"].bool()
+    torch.testing.assert_close(b["logprobs"][m], fresh[m], atol=1e-5, rtol=1e-5)
+    # the reference is the same network, so at the start old and reference log-probs agree (KL 0)
+    torch.testing.assert_close(b["ref_logprobs"][m], ref_fresh[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b["logprobs"][m], b["ref_logprobs"][m], atol=1e-5, rtol=1e-5)
+    assert (b["logprobs"][~m] == 0).all()
+
+
+def test_scores_and_missing_eos_penalty(batch, setup):
+    """The RM score is read on the truncated query + response; exactly the EOS-less rows are penalised."""
+    b, cfg, tok = batch["batch"], batch["cfg"], setup["tok"]
+    rm = batch["models"][3]
+    assert 0 < b["has_eos"].sum() < len(b["has_eos"]), "want both kinds of responses in the fixture"
+    for i in range(len(batch["queries"])):
+        resp = b["response"][i][b["response_mask"][i].bool()].tolist()
+        ends = tok.eos_token_id in resp
+        assert bool(b["has_eos"][i]) == ends and (not ends or resp[-1] == tok.eos_token_id)
+        ids, mask = pad_batch([batch["queries"][i] + resp], tok.pad_token_id)  # alone, unpadded
+        with torch.no_grad():
+            alone = sequence_rewards(rm, ids, mask).item()
+        assert b["raw_scores"][i].item() == pytest.approx(alone, abs=1e-5)
+        assert b["scores"][i].item() == pytest.approx(alone - (0.0 if ends else cfg.missing_eos_penalty), abs=1e-5)
+
+
+def test_score_lands_on_the_last_valid_token():
+    cfg = train_ppo.Config(kl_coef=0.1)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-1.0, -1.0, -1.0, -1.0], [-3.0, 0.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5, 9.0], [-1.0, -2.0, -1.0, -1.0], [-2.0, 9.0, 9.0, 9.0]])
+    batch = {"response_mask": mask, "logprobs": logprobs, "ref_logprobs": ref, "scores": torch.tensor([1.0, 2.0, 3.0]),
+             "values": torch.zeros(3, 4)}
+    out = train_ppo.kl_rewards_and_advantages(batch, 0.1, cfg, Dist())
+    kl = (logprobs - ref) * mask
+    expected = -0.1 * kl
+    expected[0, 2] += 1.0  # EOS at index 2
+    expected[1, 3] += 2.0  # no EOS: the last token
+    expected[2, 0] += 3.0  # EOS first
+    torch.testing.assert_close(out["rewards"], expected)
+    # GAE and whitening are the math core's
+    adv, ret = losses.gae(expected, batch["values"], mask, cfg.gamma, cfg.lam)
+    torch.testing.assert_close(out["returns"], ret)
+    torch.testing.assert_close(out["advantages"], losses.masked_whiten(adv, mask))
+
+
+def micro_batch(batch):
+    b = train_ppo.kl_rewards_and_advantages(batch["batch"], 0.05, batch["cfg"], Dist())
+    return {k: b[k][:6].clone() for k in train_ppo.UPDATE_KEYS}
+
+
+def test_update_at_ratio_one_reproduces_the_math_core(batch):
+    """With old = current log-probs and values, the policy loss is -mean(A) and the value loss 0.5 mean (V-R)^2."""
+    cfg = batch["cfg"]
+    policy, _, value, _ = batch["models"]
+    mb = micro_batch(batch)
+    m = mb["response_mask"]
+    loss, stats = train_ppo.ppo_losses(policy, value, mb, m.sum().float(), cfg, torch.device("cpu"))
+    A, V, R = mb["advantages"], mb["values"], mb["returns"]
+    pg = -(A * m).sum() / m.sum()
+    vf = 0.5 * (((V - R) ** 2) * m).sum() / m.sum()
+    assert stats["ppo/policy_loss"].item() == pytest.approx(pg.item(), abs=1e-5)
+    assert stats["ppo/value_loss"].item() == pytest.approx(vf.item(), abs=1e-5)
+    assert stats["ppo/clipfrac"].item() == 0 and stats["ppo/approx_kl"].item() == pytest.approx(0, abs=1e-10)
+    assert loss.item() == pytest.approx(pg.item() + cfg.vf_coef * vf.item(), abs=1e-5)
+    # and its gradient is the policy gradient -A * grad logp (token mean) plus the value term
+    policy.zero_grad()
+    loss.backward()
+    got = policy.transformer.wte.weight.grad.clone()
+    policy.zero_grad()
+    ids = torch.cat([mb["query"], mb["response"]], 1)
+    mask = torch.cat([mb["query_mask"], m], 1)
+    logp = losses.logprobs_from_logits(response_logits(policy, ids, mask, m.shape[1]), mb["response"], cfg.temperature)
+    (-(A * logp * m).sum() / m.sum()).backward()
+    torch.testing.assert_close(got, policy.transformer.wte.weight.grad, atol=1e-6, rtol=1e-4)
+    policy.zero_grad()
+    value.zero_grad()
+
+
+def test_padding_tokens_get_no_gradient(batch):
+    """Garbage in masked (padding) positions changes no gradient."""
+    cfg = batch["cfg"]
+    policy, _, value, _ = batch["models"]
+
+    def grads(mb):
+        policy.zero_grad()
+        value.zero_grad()
+        loss, _ = train_ppo.ppo_losses(policy, value, mb, mb["response_mask"].sum().float(), cfg, torch.device("cpu"))
+        loss.backward()
+        return [p.grad.clone() for p in [*policy.parameters(), *value.parameters()] if p.grad is not None]
+
+    mb = micro_batch(batch)
+    assert (mb["response_mask"] == 0).any()
+    clean = grads(mb)
+    dirty = {k: v.clone() for k, v in mb.items()}
+    pad = dirty["response_mask"] == 0
+    g = torch.Generator().manual_seed(0)
+    dirty["response"][pad] = torch.randint(0, 300, (int(pad.sum()),), generator=g)
+    for k in ("logprobs", "values", "advantages", "returns"):
+        dirty[k][pad] = torch.randn(int(pad.sum()), generator=g) * 1e3
+    for a, b in zip(clean, grads(dirty)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    policy.zero_grad()
+    value.zero_grad()
+
+
+def run(args):
+    return subprocess.run([sys.executable, "train_ppo.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True)
+
+
+def metric_rows(d):
+    return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(rows_a, rows_b, rel=1e-4):
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b):
+        for k in ra:
+            if not k.startswith(("time/", "eps")):
+                assert ra[k] == pytest.approx(rb[k], rel=rel, abs=1e-6), (ra["step"], k)
+
+
+def test_micro_run_learns_nothing_silly_and_saves(setup, tmp_path):
+    out = tmp_path / "ppo"
+    metrics = train_ppo.main(parse_config(train_ppo.Config, train_ppo.PRESETS, ppo_args(setup, out)))
+    assert metrics["updates"] == 3
+    rows = metric_rows(out)
+    for key in ("objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward", "ppo/policy_loss",
+                "ppo/clipfrac", "ppo/approx_kl", "ppo/value_loss", "val/clipfrac", "val/explained_variance",
+                "rollout/eos_rate", "rollout/response_len", "time/rollout_s", "time/update_s", "eps"):
+        assert all(key in r for r in rows), key
+    assert rows[0]["objective/kl"] == pytest.approx(0, abs=1e-5)  # the first batch is sampled from the reference
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["update"] for s in samples} == {1, 2, 3} and all("reference_score" in s for s in samples)
+    assert (out / "model.safetensors").exists() and (out / "manifest.json").exists()
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_metrics(setup, tmp_path):
+    args = ["--total-episodes", "64"]
+    ref = run(ppo_args(setup, tmp_path / "ref", *args))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "train_ppo.py", *ppo_args(setup, out, *args)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoint" / "state.pt").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    resumed = run(ppo_args(setup, out, *args))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert_same_metrics(metric_rows(tmp_path / "ref"), metric_rows(out))
+    samples = [json.loads(line)["update"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples == sorted(samples) and len(samples) == len(set(samples)) * 2  # n_samples=2 per update, once
+
+
+def test_two_process_torchrun_update_matches_one_process(setup, tmp_path):
+    args = ["--total-episodes", "32", "--batch-size", "16", "--micro-batch-size", "4"]
+    one = run(ppo_args(setup, tmp_path / "one", *args))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "train_ppo.py", *ppo_args(setup, tmp_path / "two", *args)], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same_metrics(metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two"), rel=1e-3)
