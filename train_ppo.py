@@ -28,13 +28,13 @@ Commands:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from minirlaif import synthetic
@@ -43,12 +43,12 @@ from minirlaif.generation import decode_summary, generate, row_seeds
 from minirlaif.losses import (AdaptiveKLController, FixedKLController, entropy_from_logits, explained_variance, gae,
                               kl_penalty, logprobs_from_logits, masked_mean, masked_whiten, ppo_policy_loss,
                               ppo_value_loss)
-from minirlaif.models import (disable_dropout, last_index, load_causal_lm, load_scalar_model, load_tokenizer,
-                              pad_batch, response_logits, sequence_rewards, token_scores)
+from minirlaif.models import (disable_dropout, last_index, load_causal_lm, load_scalar_model, load_tokenizer, pad_batch,
+                              response_logits, sequence_rewards, token_scores)
 from minirlaif.utils import (MetricLogger, all_reduce, all_reduce_grads, append_jsonl, autocast, batch_indices,
                              cleanup_dist, clear_checkpoint, config_dict, finished_metrics, load_checkpoint,
-                             parse_config, quiet_transformers, save_checkpoint, set_seed, setup_dist, truncate_jsonl, write_json,
-                             write_manifest)
+                             parse_config, quiet_transformers, save_checkpoint, set_seed, setup_dist, truncate_jsonl,
+                             write_json, write_manifest)
 
 
 @dataclass
@@ -182,13 +182,13 @@ def rollout(policy, ref_policy, value_model, reward_model, queries: list[list[in
             values = response_values(value_model, ids, mask, R)
             # 3. score the truncated query + response at its last real token (the EOS when there is one)
             scores = sequence_rewards(reward_model, ids, mask)  # (b,)
-        # pad every chunk's responses to response_length so the chunks stack
-        pad = cfg.response_length - R
-        padr = lambda x, v: torch.nn.functional.pad(x, (0, pad), value=v)  # noqa: E731
-        for k, v in [("query", q), ("query_mask", qm), ("response", padr(gen.tokens, tokenizer.pad_token_id)),
-                     ("response_mask", padr(gen.mask, 0)), ("logprobs", padr(gen.logprobs, 0.0)),
-                     ("ref_logprobs", padr(ref_logprobs * gen.mask, 0.0)), ("values", padr(values * gen.mask, 0.0)),
-                     ("scores", scores)]:
+        # pad each chunk's responses to response_length so that the chunks stack
+        pad = (0, cfg.response_length - R)
+        out["response"].append(F.pad(gen.tokens, pad, value=tokenizer.pad_token_id))
+        for k, v in (("response_mask", gen.mask), ("logprobs", gen.logprobs), ("ref_logprobs", ref_logprobs * gen.mask),
+                     ("values", values * gen.mask)):
+            out[k].append(F.pad(v, pad))
+        for k, v in (("query", q), ("query_mask", qm), ("scores", scores)):
             out[k].append(v)
     batch = {k: torch.cat(v) for k, v in out.items()}
     has_eos = ((batch["response"] == tokenizer.eos_token_id) & batch["response_mask"].bool()).any(1)  # (B,)

@@ -35,8 +35,8 @@ from minirlaif.generation import generate_texts
 from minirlaif.models import (load_causal_lm, load_tokenizer, pad_batch, position_ids, tiny_gpt2_config,
                               train_bpe_tokenizer)
 from minirlaif.utils import (MetricLogger, all_reduce, autocast, batch_indices, cleanup_dist, clear_checkpoint,
-                             config_dict, finished_metrics, load_checkpoint, parse_config, quiet_transformers, save_checkpoint, set_seed,
-                             setup_dist, write_json, write_manifest)
+                             config_dict, finished_metrics, load_checkpoint, parse_config, quiet_transformers,
+                             save_checkpoint, set_seed, setup_dist, write_json, write_manifest)
 
 
 @dataclass
@@ -108,8 +108,8 @@ class Config:
 
 
 PRESETS = {
-    "micro": dict(max_train_posts=512, max_steps=12, n_layer=2, n_embd=64, n_head=2, eval_every=6, checkpoint_every=6, n_val=32,
-                  n_judge=16, log_every=2, warmup_steps=2, micro_batch_size=8, batch_size=16),
+    "micro": dict(max_train_posts=512, max_steps=12, n_layer=2, n_embd=64, n_head=2, eval_every=6, checkpoint_every=6,
+                  n_val=32, n_judge=16, log_every=2, warmup_steps=2, micro_batch_size=8, batch_size=16),
     "gpt2-large": dict(task_dir="", dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered", model="gpt2-large",
                        max_query_tokens=512, max_completion_tokens=128, batch_size=64, micro_batch_size=8,
                        max_steps=-1, epochs=1, lr=5e-5, warmup_steps=0, min_lr_ratio=0.0, weight_decay=0.0,

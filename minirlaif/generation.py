@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minirlaif.models import hidden_states, head, pad_batch
+from minirlaif.models import head, hidden_states, pad_batch
 
 
 @dataclass

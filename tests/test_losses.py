@@ -12,22 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from minirlaif import losses
-from minirlaif.losses import (
-    AdaptiveKLController,
-    FixedKLController,
-    bradley_terry_loss,
-    entropy_from_logits,
-    explained_variance,
-    gae,
-    kl_penalty,
-    logprobs_from_logits,
-    masked_mean,
-    masked_var,
-    masked_whiten,
-    ppo_policy_loss,
-    ppo_value_loss,
-    truncate_after_eos,
-)
+from minirlaif.losses import (AdaptiveKLController, FixedKLController, bradley_terry_loss, entropy_from_logits,
+                              explained_variance, gae, kl_penalty, logprobs_from_logits, masked_mean, masked_var,
+                              masked_whiten, ppo_policy_loss, ppo_value_loss, truncate_after_eos)
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
