@@ -83,6 +83,8 @@ class Config:
     """mini-batches per PPO epoch (one optimizer step each)"""
     micro_batch_size: int = 16
     """sequences per forward/backward pass on one rank"""
+    rollout_batch_size: int = -1
+    """sequences per generation + scoring chunk on one rank; -1: the rank's whole batch at once"""
     ppo_epochs: int = 4
     """passes over each batch"""
     response_length: int = 48
@@ -169,12 +171,13 @@ def rollout(policy, ref_policy, value_model, reward_model, queries: list[list[in
     q_ids, q_mask = (t.to(device) for t in pad_batch(queries, tokenizer.pad_token_id, side="left"))  # (B, Q)
     out = {"query": [], "query_mask": [], "response": [], "response_mask": [], "logprobs": [], "ref_logprobs": [],
            "values": [], "scores": []}
-    for i in range(0, len(queries), cfg.micro_batch_size):
-        q, qm = q_ids[i: i + cfg.micro_batch_size], q_mask[i: i + cfg.micro_batch_size]
+    chunk = cfg.rollout_batch_size if cfg.rollout_batch_size > 0 else len(queries)
+    for i in range(0, len(queries), chunk):
+        q, qm = q_ids[i: i + chunk], q_mask[i: i + chunk]
         with autocast(device, cfg.bf16):
             # 2. sample; generation stops once every row has emitted EOS, and pads after each row's first EOS
             gen = generate(policy, q, qm, cfg.response_length, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                           temperature=cfg.temperature, seeds=seeds[i: i + cfg.micro_batch_size])
+                           temperature=cfg.temperature, seeds=seeds[i: i + chunk])
             ids, mask = torch.cat([q, gen.tokens], 1), torch.cat([qm, gen.mask], 1)  # (b, Q + R)
             R = gen.tokens.shape[1]
             ref_logits = response_logits(ref_policy, ids, mask, R)  # (b, R, V)
@@ -220,27 +223,33 @@ def kl_rewards_and_advantages(batch: dict, kl_coef: float, cfg: Config, dist) ->
 UPDATE_KEYS = ("query", "query_mask", "response", "response_mask", "logprobs", "values", "advantages", "returns")
 
 
-def ppo_losses(policy, value_model, mb: dict, num_valid, cfg: Config, device) -> tuple[torch.Tensor, dict]:
-    """Step 6 on one micro-batch: clipped policy loss + vf_coef * clipped value loss (summed over micro-batches)."""
+def ppo_losses(policy, value_model, mb: dict, num_valid, cfg: Config, device, stats: dict):
+    """Step 6 on one micro-batch: yields (name, loss) for the clipped policy loss, then vf_coef * value loss.
+
+    The caller runs backward on each as it comes, so the policy's graph is freed before the value model's forward
+    (half the activation memory of one combined loss). Both are this micro-batch's share of the mini-batch mean
+    (`num_valid` = the mini-batch's valid tokens over all ranks). Their statistics are written into `stats`.
+    """
     mb = trim(mb)
     ids = torch.cat([mb["query"], mb["response"]], 1)  # (b, Q + R)
     mask = torch.cat([mb["query_mask"], mb["response_mask"]], 1)  # (b, Q + R)
-    R = mb["response"].shape[1]
+    m, R = mb["response_mask"], mb["response"].shape[1]
     with autocast(device, cfg.bf16):
         logits = response_logits(policy, ids, mask, R)  # (b, R, V)
         logprobs = logprobs_from_logits(logits, mb["response"], cfg.temperature)  # (b, R)
-        values = response_values(value_model, ids, mask, R)  # (b, R)
-    m = mb["response_mask"]
     pg_loss, pg_stats = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], m, cfg.cliprange,
                                         num_valid=num_valid)
+    with torch.no_grad():
+        stats["objective/entropy"] = masked_mean(entropy_from_logits(logits, cfg.temperature), m, num_valid=num_valid)
+    stats.update({"ppo/policy_loss": pg_loss.detach(), "ppo/clipfrac": pg_stats["clipfrac"],
+                  "ppo/approx_kl": pg_stats["approx_kl"]})
+    yield "policy", pg_loss
+    with autocast(device, cfg.bf16):
+        values = response_values(value_model, ids, mask, R)  # (b, R)
     vf_loss, vf_stats = ppo_value_loss(values, mb["values"], mb["returns"], m, cfg.cliprange_value,
                                        num_valid=num_valid)
-    with torch.no_grad():
-        entropy = masked_mean(entropy_from_logits(logits.detach(), cfg.temperature), m, num_valid=num_valid)
-    stats = {"ppo/policy_loss": pg_loss.detach(), "ppo/value_loss": vf_loss.detach(),
-             "ppo/clipfrac": pg_stats["clipfrac"], "ppo/approx_kl": pg_stats["approx_kl"],
-             "val/clipfrac": vf_stats["clipfrac"], "objective/entropy": entropy}
-    return pg_loss + cfg.vf_coef * vf_loss, stats
+    stats.update({"ppo/value_loss": vf_loss.detach(), "val/clipfrac": vf_stats["clipfrac"]})
+    yield "value", cfg.vf_coef * vf_loss
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -340,11 +349,12 @@ def main(cfg: Config) -> dict:
                 for m_start in range(0, local_mini, cfg.micro_batch_size):
                     rows = mini[m_start: m_start + cfg.micro_batch_size]
                     mb = {k: batch[k][rows] for k in UPDATE_KEYS}
-                    loss, stats = ppo_losses(policy, value_model, mb, num_valid, cfg, device)
-                    if not torch.isfinite(loss):
-                        raise SystemExit(f"non-finite PPO loss at update {update + 1}; stopping. The last "
-                                         f"checkpoint in {ckpt_dir} is intact.")
-                    loss.backward()
+                    stats = {}
+                    for name, loss in ppo_losses(policy, value_model, mb, num_valid, cfg, device, stats):
+                        if not torch.isfinite(loss):
+                            raise SystemExit(f"non-finite {name} loss at update {update + 1}; stopping. The last "
+                                             f"checkpoint in {ckpt_dir} is intact.")
+                        loss.backward()
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
                 for model, opt in ((policy, optimizers[0]), (value_model, optimizers[1])):
@@ -373,6 +383,8 @@ def main(cfg: Config) -> dict:
         metrics.update({"objective/kl_coef": kl_ctl.value, "ppo/lr": schedulers[0].get_last_lr()[0],
                         "time/rollout_s": t_rollout, "time/update_s": t_update,
                         "eps": cfg.batch_size / (t_rollout + t_update)})
+        if device.type == "cuda":
+            metrics["mem/peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         kl_ctl.update(metrics["objective/kl"], cfg.batch_size)
         history.append(metrics)
         logger.log(update + 1, metrics, echo=tqdm.write)

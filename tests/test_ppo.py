@@ -141,7 +141,10 @@ def test_update_at_ratio_one_reproduces_the_math_core(batch):
     policy, _, value, _ = batch["models"]
     mb = micro_batch(batch)
     m = mb["response_mask"]
-    loss, stats = train_ppo.ppo_losses(policy, value, mb, m.sum().float(), cfg, torch.device("cpu"))
+    stats = {}
+    (_, pg_part), (_, vf_part) = train_ppo.ppo_losses(policy, value, mb, m.sum().float(), cfg, torch.device("cpu"),
+                                                      stats)
+    loss = pg_part + vf_part
     A, V, R = mb["advantages"], mb["values"], mb["returns"]
     pg = -(A * m).sum() / m.sum()
     vf = 0.5 * (((V - R) ** 2) * m).sum() / m.sum()
@@ -171,8 +174,9 @@ def test_padding_tokens_get_no_gradient(batch):
     def grads(mb):
         policy.zero_grad()
         value.zero_grad()
-        loss, _ = train_ppo.ppo_losses(policy, value, mb, mb["response_mask"].sum().float(), cfg, torch.device("cpu"))
-        loss.backward()
+        for _, loss in train_ppo.ppo_losses(policy, value, mb, mb["response_mask"].sum().float(), cfg,
+                                            torch.device("cpu"), {}):
+            loss.backward()
         return [p.grad.clone() for p in [*policy.parameters(), *value.parameters()] if p.grad is not None]
 
     mb = micro_batch(batch)
