@@ -1,0 +1,376 @@
+"""Stage 2, AI labels: two summaries per post from the SFT policy, and a labeler's soft preference between them.
+
+Algorithm (Lee et al. 2023, "RLAIF vs. RLHF"):
+1. candidates: the unique posts of the human comparisons' train split (only the posts: their human summaries
+   and choices are not used), two independent samples per post from the SFT policy at temperature 1;
+2. labels: an AI labeler reads the post and both summaries and gives P(summary 1 better) from its next-token
+   probabilities of "1" and "2" (minirlaif/judges.py). Each pair is shown in both orders, A/B and B/A, and the
+   soft label is the mean of the two un-flipped probabilities: p_a = (p_a_ab + p_a_ba) / 2;
+3. analysis: how much the labels depend on position (position_bias.json); for the synthetic task, also how
+   often they agree with the gold rule judge. With --align the labeler labels human comparisons instead of
+   candidates, and its agreement with the humans is measured (the paper's Table 2).
+
+Outputs in out_dir: candidates.jsonl (the samples, with token ids), pairs.jsonl (one labeled pair per row: the
+RM's training data), position_bias.json, metrics.json, manifest.json. Both jsonl files are append-only: a rerun
+skips what is written, a kill loses only the rows in flight, and no id is ever written twice.
+
+Deliberate choices (see README "Implementation details"):
+- labels are normalised over {"1", "2"} (the seed used raw probabilities) and never clipped; the mass the two
+  answers had is recorded, and a pair whose answer cannot be read gets p_a = null with a reason, not a guess;
+- a pair with a null label in either order gets p_a = null: one order alone would bring the position bias back;
+- tiny preset: the labeler is the synthetic task's rule judge with noise and a position bias, so that the
+  pipeline has an imperfect, position-biased AI labeler to cope with (as LLM labelers are).
+
+Commands:
+  CPU, tiny (default; after train_sft.py):   python label.py
+  labeler-human alignment:                    python label.py --align
+  a more position-biased labeler:             python label.py --rule-position-bias 2 --out-dir runs/tiny/labels_bias
+  a local HF model as labeler:                python label.py --labeler hf --judge-model Qwen/Qwen2.5-0.5B-Instruct
+  an OpenAI-compatible endpoint:              OPENAI_API_KEY=... python label.py --labeler openai \
+                                                  --api-model gpt-4o-mini --cot
+  gpt2-large (vLLM; Llama-3.3-70B, 4 GPUs):   python label.py --preset gpt2-large --only-candidates
+                                              python label.py --preset gpt2-large
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from minirlaif import synthetic
+from minirlaif.data import build_query, load_comparisons, load_posts
+from minirlaif.judges import (JudgeConfig, human_agreement, judge_pairs, make_labeler, position_bias,
+                              resolve_device, usage_summary)
+from minirlaif.utils import (append_jsonl, config_dict, finished_metrics, parse_config, quiet_transformers, read_json,
+                             read_jsonl_resumable, set_seed, write_json, write_manifest)
+
+
+@dataclass
+class Config(JudgeConfig):  # the labeler's settings (--labeler, --preamble, --cot, ...) are in JudgeConfig
+    preset: str = "tiny"
+    """tiny: synthetic task, rule labeler, CPU; micro: a 24-post smoke run; gpt2-large: the seed's setup"""
+    out_dir: str = ""
+    """output directory (default runs/{preset}/labels, or runs/{preset}/align with --align)"""
+    seed: int = 1
+    """seeds the candidate sampling (per chunk) and the rule labeler's noise (per pair and order)"""
+    resume: bool = True
+    """continue the jsonl files in out_dir (--no-resume deletes them and starts over)"""
+    task_dir: str = "runs/{preset}/data"
+    """tiny: where the synthetic task's files are written (if missing); empty for real data"""
+    comparisons: str = "runs/{preset}/data/comparisons"
+    """human comparisons (openai/summarize_from_feedback schema): hub id or local dir/file"""
+    split: str = "train"
+    """the comparisons split whose unique posts get candidates"""
+    max_posts: int = -1
+    """label at most this many posts (-1: all); raising it later extends a finished run"""
+    sft_path: str = "runs/{preset}/sft"
+    """the SFT policy that samples the candidates"""
+    backend: str = "hf"
+    """candidate sampler: hf (batched KV-cache sampler, CPU or GPU) or vllm"""
+    temperature: float = 1.0
+    """sampling temperature of the candidates (0: greedy, which makes both candidates equal)"""
+    max_new_tokens: int = 48
+    """longest candidate summary in tokens (a summary that hits it has no EOS)"""
+    max_query_tokens: int = 200
+    """queries longer than this are cut at the post's last newline (counted), as in SFT"""
+    gen_batch_size: int = 64
+    """hf sampler: sequences per batch"""
+    gen_chunk: int = 256
+    """posts per seeded sampling chunk; each chunk is appended to candidates.jsonl when done"""
+    candidates: str = ""
+    """candidates file (default out_dir/candidates.jsonl); another run's, to label its summaries with another labeler"""
+    only_candidates: bool = False
+    """sample the candidates and stop (on a GPU: free it before a large labeler loads)"""
+    orders: str = "both"
+    """both: label A/B and B/A and average; ab: one order only (biased); random: one seeded random order per pair"""
+    label_chunk: int = 64
+    """pairs per labeling step; each step's rows are appended to pairs.jsonl when done"""
+    align: bool = False
+    """label human comparisons instead, and report labeler-human agreement"""
+    align_split: str = "validation"
+    """--align: the comparisons split to label"""
+    min_confidence: int = 8
+    """--align: keep comparisons whose rater confidence (1-9) is at least this"""
+    max_pairs: int = -1
+    """--align: label at most this many comparisons (-1: all)"""
+    cpu_threads: int = 1
+    """on CPU: torch threads (0: torch's default); a tiny model's small matrix products run faster on one"""
+    rule_noise: float = 1.0
+    """rule labeler: std of Gaussian noise on its logit, seeded per (pair, order) (tiny: an imperfect labeler)"""
+    rule_position_bias: float = 0.5
+    """rule labeler: logit added toward the summary shown first (tiny: a position-biased labeler, as LLMs are)"""
+
+
+PRESETS = {
+    "micro": dict(max_posts=24, gen_chunk=8, label_chunk=8, max_new_tokens=24, gen_batch_size=16, max_pairs=24),
+    # the seed's labeler: Llama-3.3-70B-Instruct on vLLM (tensor parallel 4), detailed preamble, 0-shot, CoT
+    "gpt2-large": dict(task_dir="", comparisons="openai/summarize_from_feedback", backend="vllm",
+                       max_new_tokens=53, max_query_tokens=512, labeler="vllm",
+                       judge_model="meta-llama/Llama-3.3-70B-Instruct", tensor_parallel_size=4, cot=True,
+                       gen_chunk=4096, label_chunk=512, cpu_threads=0),
+}
+
+# fields that change how a run proceeds, not what its rows hold: a resumed run may change them
+RUN_CONTROL = {"resume", "max_posts", "max_pairs", "only_candidates", "label_chunk", "judge_batch_size",
+               "max_concurrency", "max_retries", "retry_base_delay", "retry_max_delay", "request_timeout",
+               "price_input_per_1m", "price_output_per_1m", "gpu_memory_utilization", "device", "cpu_threads"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def default_out_dir(cfg: Config) -> Path:
+    return Path(cfg.out_dir or f"runs/{cfg.preset}/{'align' if cfg.align else 'labels'}")
+
+
+def check_same_run(out_dir: Path, cfg: Config) -> None:
+    """Refuse to append to files written with another config (its rows would mean something else)."""
+    path = out_dir / "run_config.json"
+    cur = json.loads(json.dumps(config_dict(cfg)))
+    if path.exists():
+        saved = read_json(path)
+        diff = sorted(k for k in set(saved) | set(cur) if k not in RUN_CONTROL and saved.get(k) != cur.get(k))
+        if diff:
+            raise SystemExit(f"{out_dir} holds a run with a different config ({', '.join(diff)} differ); use "
+                             f"another --out-dir, rerun with the same flags, or --no-resume to start over")
+    write_json(path, cur)
+
+
+def start_over(out_dir: Path, cand_path: Path) -> None:
+    for name in ("pairs.jsonl", "position_bias.json", "metrics.json", "manifest.json", "run_config.json"):
+        (out_dir / name).unlink(missing_ok=True)
+    if cand_path.parent == out_dir:  # another run's candidates file is not ours to delete
+        cand_path.unlink(missing_ok=True)
+
+
+def chunk_seed(seed: int, k: int) -> int:
+    """Chunk k's sampling seed: a chunk regenerated after a kill draws exactly what it drew before."""
+    return seed * 1_000_003 + k
+
+
+def candidate_row(post, query: str, truncated: bool, a: dict, b: dict) -> dict:
+    return {"id": post.id, "subreddit": post.subreddit, "title": post.title, "post": post.post, "query": query,
+            "query_truncated": truncated, "summary_a": a["text"], "summary_b": b["text"],
+            "tokens_a": a["token_ids"], "tokens_b": b["token_ids"]}
+
+
+def sample_candidates(cfg: Config, posts, have: set, path: Path) -> None:
+    """Two samples per post missing from `path`, appended chunk by chunk (hf) or after one vLLM call."""
+    from minirlaif.generation import generate_texts, vllm_generate
+    from minirlaif.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.sft_path)
+    chunks = [posts[i:i + cfg.gen_chunk] for i in range(0, len(posts), cfg.gen_chunk)]
+    todo = [(k, chunk) for k, chunk in enumerate(chunks) if any(p.id not in have for p in chunk)]
+    greedy = cfg.temperature == 0
+    if cfg.backend == "vllm":
+        # one call for every missing post (vLLM seeds each request, so a post's samples do not depend on the
+        # batch); a kill during it loses the whole call
+        missing = [p for _, chunk in todo for p in chunk if p.id not in have]
+        built = [build_query(tokenizer, p, cfg.max_query_tokens) for p in missing]
+        outs = vllm_generate(cfg.sft_path, [q[1] for q in built], n=2, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, seed=cfg.seed,
+                             tensor_parallel_size=cfg.tensor_parallel_size,
+                             gpu_memory_utilization=cfg.gpu_memory_utilization)
+        rows = [candidate_row(p, q[0], q[2], o[0], o[1]) for p, q, o in zip(missing, built, outs)]
+        for i in range(0, len(rows), cfg.gen_chunk):
+            append_jsonl(path, rows[i:i + cfg.gen_chunk])
+        return
+    if cfg.backend != "hf":
+        raise ValueError(f"unknown backend {cfg.backend!r}; hf or vllm")
+    device = resolve_device(cfg.device)
+    model = load_causal_lm(cfg.sft_path).to(device).eval()
+    for k, chunk in tqdm(todo, desc="candidates", unit="chunk"):
+        built = [build_query(tokenizer, p, cfg.max_query_tokens) for p in chunk]
+        # each query twice: two independent samples per post, drawn in one seeded pass over the chunk
+        outs = generate_texts(model, tokenizer, [q[1] for q in built for _ in range(2)], cfg.max_new_tokens,
+                              cfg.gen_batch_size, temperature=cfg.temperature, greedy=greedy,
+                              seed=chunk_seed(cfg.seed, k), device=device)
+        append_jsonl(path, [candidate_row(p, q[0], q[2], outs[2 * j], outs[2 * j + 1])
+                            for j, (p, q) in enumerate(zip(chunk, built)) if p.id not in have])
+
+
+def read_unique(path: Path) -> list[dict]:
+    rows = read_jsonl_resumable(path)
+    counts = collections.Counter(r["id"] for r in rows)
+    if dup := [i for i, n in counts.items() if n > 1]:
+        raise SystemExit(f"{path}: ids written more than once ({dup[:3]}); was it appended to by two runs at once?")
+    return rows
+
+
+def candidate_items(cfg: Config, cand_path: Path) -> tuple[list[dict], dict]:
+    """Candidate pairs for the unique posts of the comparisons split (sampling the missing ones first)."""
+    posts, stats = load_posts(cfg.comparisons, cfg.split)
+    if stats.schema != "comparisons":
+        raise SystemExit(f"{cfg.comparisons}: expected human comparisons (openai/summarize_from_feedback "
+                         f"schema), found the {stats.schema!r} schema")
+    posts = posts[:cfg.max_posts] if cfg.max_posts > 0 else posts
+    have = {r["id"] for r in read_unique(cand_path)}
+    if any(p.id not in have for p in posts):
+        sample_candidates(cfg, posts, have, cand_path)
+    cands = {r["id"]: r for r in read_unique(cand_path)}
+    items = [{**cands[p.id], "facts": p.facts} for p in posts]
+    return items, {"n_posts": len(posts), "n_comparison_rows": stats.n_read, **candidate_stats(items)}
+
+
+def candidate_stats(items: list[dict]) -> dict:
+    toks = [it[k] for it in items for k in ("tokens_a", "tokens_b")]
+    eos = [t[-1] for t in toks if t]
+    eos_id = collections.Counter(eos).most_common(1)[0][0] if eos else None  # the policy's stop token
+    return {"candidate_mean_tokens": statistics.mean(len(t) for t in toks) if toks else 0.0,
+            "candidate_frac_eos": sum(bool(t) and t[-1] == eos_id for t in toks) / max(1, len(toks)),
+            "n_truncated_queries": sum(it["query_truncated"] for it in items),
+            "n_identical_pairs": sum(it["summary_a"] == it["summary_b"] for it in items)}
+
+
+def align_items(cfg: Config) -> tuple[list[dict], dict]:
+    """Human comparisons as pairs: summary_a / summary_b are the comparison's summaries 0 / 1."""
+    comps, stats = load_comparisons(cfg.comparisons, cfg.align_split, min_confidence=cfg.min_confidence)
+    comps = comps[:cfg.max_pairs] if cfg.max_pairs > 0 else comps
+    items = [{"id": f"{c.post.id}/{i}", "subreddit": c.post.subreddit, "title": c.post.title, "post": c.post.post,
+              "summary_a": c.summaries[0], "summary_b": c.summaries[1], "human_choice": c.choice,
+              "confidence": c.confidence, "facts": c.post.facts} for i, c in enumerate(comps)]
+    return items, {"n_comparisons": len(items), "comparison_load_stats": stats.to_dict()}
+
+
+def label_items(cfg: Config, items: list[dict], path: Path) -> tuple[list[dict], object]:
+    """Label the items missing from pairs.jsonl, appending after each chunk; all rows of `items`, in order."""
+    done = {r["id"] for r in read_unique(path)}
+    todo = [it for it in items if it["id"] not in done]
+    labeler = None
+    if todo:
+        labeler = make_labeler(cfg)
+        for i in tqdm(range(0, len(todo), cfg.label_chunk), desc="label", unit="chunk"):
+            chunk = todo[i:i + cfg.label_chunk]
+            judged = judge_pairs(labeler, chunk, cfg.orders, cfg.seed)
+            append_jsonl(path, [pair_row(it, j) for it, j in zip(chunk, judged)])
+    rows = {r["id"]: r for r in read_unique(path)}
+    return [rows[it["id"]] for it in items], labeler
+
+
+def pair_row(item: dict, judged: dict) -> dict:
+    """A pairs.jsonl row: the labels after the texts they are about, token ids last (long)."""
+    row = {k: v for k, v in item.items() if k not in ("facts", "tokens_a", "tokens_b")}
+    row.update({k: v for k, v in judged.items() if k != "id"})
+    row["identical"] = item["summary_a"] == item["summary_b"]
+    for k in ("tokens_a", "tokens_b"):
+        if k in item:
+            row[k] = item[k]
+    return row
+
+
+def gold_agreement(rows: list[dict], items: list[dict]) -> dict:
+    """Synthetic task: how often the labels prefer the summary the gold rule judge scores higher (gold ties
+    left out), for each order shown and for the averaged label."""
+    gold = {it["id"]: synthetic.score(it, it["summary_a"]) - synthetic.score(it, it["summary_b"])
+            for it in items if it.get("facts")}
+    out = {}
+    for key in ("p_a_ab", "p_a_ba", "p_a"):
+        hits = [(r[key] > 0.5) == (gold[r["id"]] > 0) for r in rows
+                if r.get(key) is not None and r["id"] in gold and gold[r["id"]] != 0 and r[key] != 0.5]
+        out[f"gold_agreement{key[3:]}"] = sum(hits) / len(hits) if hits else None
+    out["n_gold_ties"] = sum(g == 0 for g in gold.values())
+    return out
+
+
+def null_reasons(rows: list[dict]) -> dict:
+    """Counts of why labels are null, with per-row details (in parentheses) removed."""
+    return dict(collections.Counter(re.sub(r" \(.*?\)", "", r["null_reason"]) for r in rows if r["null_reason"]))
+
+
+def print_report(pb: dict, metrics: dict) -> None:
+    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    print(f"\nposition bias ({pb['n_pairs']} pairs, {pb['n_both_orders']} labeled in both orders, "
+          f"{pb['n_null']} null)")
+    for key, what in (("consistency_rate", "same summary preferred in both orders"),
+                      ("mean_p_first", "P(first shown is better); 0.5 = unbiased"),
+                      ("first_position_win_rate_inconsistent", "inconsistent pairs: the first shown won both"),
+                      ("n_inconsistent", "pairs preferred differently in the two orders")):
+        print(f"  {key:38s} {fmt(pb[key]):>7s}   {what}")
+    hist = pb["abs_p_a_minus_half"]
+    print("  |p_a - 0.5|  " + "  ".join(f"[{lo:.1f},{hi:.1f}{']' if hi == hist['bins'][-1] else ')'}: {n}"
+                                        for lo, hi, n in zip(hist["bins"], hist["bins"][1:], hist["counts"])))
+    for key in ("agreement_ab", "agreement_ba", "agreement", "agreement_order_mean", "gold_agreement_ab",
+                "gold_agreement_ba", "gold_agreement"):
+        if metrics.get(key) is not None:
+            print(f"  {key:38s} {fmt(metrics[key]):>7s}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(cfg: Config) -> dict:
+    out_dir = default_out_dir(cfg)
+    cand_path = Path(cfg.candidates) if cfg.candidates else out_dir / "candidates.jsonl"
+    if cfg.resume and (done := finished_metrics(out_dir, cfg)) is not None:
+        print(f"{out_dir} already holds a finished run of this config; skipping (--no-resume to redo it)")
+        return done
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:
+        start_over(out_dir, cand_path)
+    check_same_run(out_dir, cfg)
+    set_seed(cfg.seed)
+    quiet_transformers()
+    if cfg.cpu_threads > 0 and resolve_device(cfg.device) == "cpu":
+        torch.set_num_threads(cfg.cpu_threads)
+    if cfg.task_dir:  # tiny: the synthetic task (deterministic, skipped when present)
+        synthetic.write_task(cfg.task_dir)
+    t0 = time.time()
+
+    # 1. the pairs to label: fresh samples from the SFT policy, or (--align) human comparisons
+    if cfg.align:
+        items, info = align_items(cfg)
+        inputs = {"comparisons": cfg.comparisons}
+    else:
+        items, info = candidate_items(cfg, cand_path)
+        inputs = {"sft_model": cfg.sft_path, "comparisons": cfg.comparisons, "candidates": cand_path}
+        if cfg.only_candidates:
+            print(f"{len(items)} candidate pairs in {cand_path}; stopping (--only-candidates)")
+            return info
+    if cfg.labeler in ("hf", "vllm"):
+        inputs["judge_model"] = cfg.judge_model
+    t_items = time.time() - t0
+
+    # 2. soft labels, both orders
+    rows, labeler = label_items(cfg, items, out_dir / "pairs.jsonl")
+    t_label = time.time() - t0 - t_items
+
+    # 3. analysis
+    pb = position_bias(rows)
+    labeled = [r["p_a"] for r in rows if r["p_a"] is not None]
+    metrics = {
+        "mode": "align" if cfg.align else "label",
+        "n_pairs": len(rows), "n_labeled": len(labeled), "n_null": len(rows) - len(labeled),
+        "null_reasons": null_reasons(rows),
+        "mean_p_a": statistics.mean(labeled) if labeled else None,
+        "frac_a_preferred": sum(p > 0.5 for p in labeled) / len(labeled) if labeled else None,
+        "mean_abs_p_a_minus_half": statistics.mean(abs(p - 0.5) for p in labeled) if labeled else None,
+        **info,
+        "consistency_rate": pb["consistency_rate"], "mean_p_first": pb["mean_p_first"],
+        **gold_agreement(rows, items),
+        **usage_summary(rows, cfg.price_input_per_1m, cfg.price_output_per_1m),
+        "api_this_run": {k: v for k, v in (getattr(labeler, "usage", None) or {}).items()
+                         if k in ("requests", "retries")},
+        "time_s": time.time() - t0, "items_time_s": t_items, "label_time_s": t_label,
+    }
+    if cfg.align:
+        metrics.update(human_agreement(rows, {it["id"]: it["human_choice"] == 0 for it in items}))
+    write_json(out_dir / "position_bias.json", pb)
+    write_json(out_dir / "metrics.json", metrics)
+    write_manifest(out_dir, cfg, inputs)
+    print_report(pb, metrics)
+    print({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_config(Config, PRESETS))

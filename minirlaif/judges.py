@@ -1,0 +1,721 @@
+"""AI labelers ("judges"): the RLAIF paper's preference prompt, soft labels from next-token probabilities.
+
+A labeler is shown a post and two summaries and says how likely it is that the first one is better. label.py
+uses it to label the SFT policy's candidate pairs; evaluate.py reuses it to judge policies against each other.
+
+The prompt (Lee et al. 2023, "RLAIF vs. RLHF"; the wording of the preambles is ours):
+
+    {preamble}
+
+    [k few-shot exemplars, each a sample followed by its answer]
+    Text - {text}
+    Summary 1 - {summary 1}
+    Summary 2 - {summary 2}
+    Preferred Summary=
+
+The soft label is read from the labeler's next-token distribution after the ending: P("1") and P("2"), each
+summed over the token with and without a leading space ("1" and " 1" are different tokens), normalised over the
+two. The mass the two candidates had before normalising is recorded: a small mass means the labeler wanted to say
+something else, and the label means little. When neither candidate can be read (outside an API's top logprobs,
+a prompt longer than the model's context), the label is None with a reason: never a guessed label.
+
+Chain of thought (`cot`): the ending is replaced by an instruction to explain and "Rationale:"; a rationale is
+decoded greedily, then appended with the original ending, and "1" / "2" are read as above (two calls per label).
+
+Position bias: LLM labelers prefer a position. `judge_pairs` shows each pair in both orders (A/B and B/A),
+un-flips the second, and averages the two probabilities (as the paper does). `position_bias` measures it.
+
+Labeler backends, one class each, all built by `make_labeler(cfg)` from a `JudgeConfig`-like object:
+  rule    RuleLabeler: the synthetic task's rule judge (reads the post's `facts`), with noise and position bias
+  hf      HFLabeler: any local causal LM through transformers (chat template applied when it has one)
+  vllm    VLLMLabeler: a local LM served by vLLM (imported lazily; top-k logprobs)
+  openai  OpenAILabeler: any OpenAI-compatible chat-completions endpoint, via urllib (no extra dependency)
+
+Every labeler has `judge(queries) -> verdicts` (one ordered pair each: {"p_first", "mass", "rationale",
+"null_reason", "usage"}) and a `usage` dict of counters for this process. The LM labelers also have
+`choice_probs(prompts, choices)` (normalised probabilities of single-token answers after each prompt) and
+`complete(prompts, max_tokens)` (greedy text), which is all `lm_judge` and the direct-scoring hook need.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import http.client
+import json
+import math
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EXEMPLARS_PATH = Path(__file__).with_name("exemplars.jsonl")
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts
+
+PREAMBLES = {
+    # "base": just the task and the answer format
+    "base": (
+        "Below is a text followed by two summaries of it. Decide which summary is better. Answer 1 if "
+        "Summary 1 is better, or 2 if Summary 2 is better."
+    ),
+    # "detailed": the four qualities OpenAI's labelers rated summaries on, described in our own words
+    "detailed": (
+        "A good summary is a short text that passes on the most important information of a longer text, so "
+        "that someone who reads only the summary knows what the text is about and what its author wants. "
+        "Summaries are judged on four qualities:\n"
+        "Coherence: the summary is easy to follow and reads as one whole, not as a heap of loose pieces.\n"
+        "Accuracy: everything the summary says is supported by the text; nothing is wrong, mixed up or "
+        "invented.\n"
+        "Coverage: the summary keeps the key points of the text (who is involved, what happened, what the "
+        "author asks) and leaves out nothing essential.\n"
+        "Overall quality: all of the above taken together: how useful the summary is to a reader who has not "
+        "seen the text.\n"
+        "You are given a text and two summaries of it. Answer 1 or 2 to say which summary is better in "
+        "coherence, accuracy, coverage and overall quality as described above."
+    ),
+}
+COT_INSTRUCTION = ("Explain which summary is better, weighing the coherence, accuracy, coverage and overall quality "
+                   "of each.")
+RATIONALE = "Rationale:"
+ENDING = "Preferred Summary="
+CHOICES = ("1", "2")
+
+
+def judge_text(item: dict) -> str:
+    """The "Text" a labeler reads for a post: what the policy read, without the "TL;DR:" cue."""
+    return f"SUBREDDIT: r/{item['subreddit']}\nTITLE: {item['title']}\nPOST: {item['post']}"
+
+
+def format_sample(text: str, summary_1: str, summary_2: str) -> str:
+    return f"Text - {text}\nSummary 1 - {summary_1}\nSummary 2 - {summary_2}\n"
+
+
+def build_prompt(text: str, summary_1: str, summary_2: str, preamble: str = "detailed",
+                 exemplars: list[dict] | tuple = (), cot: bool = False) -> str:
+    """The labeling prompt. Without `cot` it ends with "Preferred Summary=" (read "1" / "2" next); with `cot` it
+    ends with "Rationale:" (decode a rationale next, then score `cot_scoring_prompt`).
+
+    An exemplar is {"text", "summary_1", "summary_2", "preferred": 1 or 2, "rationale"} (rationale used with cot).
+    """
+    prompt = PREAMBLES[preamble] + "\n\n"
+    for ex in exemplars:
+        prompt += format_sample(ex["text"], ex["summary_1"], ex["summary_2"])
+        if cot:
+            prompt += f"{COT_INSTRUCTION}\n{RATIONALE} {ex['rationale']}\n"
+        prompt += f"{ENDING}{ex['preferred']}\n\n"
+    prompt += format_sample(text, summary_1, summary_2)
+    return prompt + (f"{COT_INSTRUCTION}\n{RATIONALE}" if cot else ENDING)
+
+
+def cot_scoring_prompt(cot_prompt: str, rationale: str) -> str:
+    """Second CoT step: the rationale prompt + the decoded rationale + the original ending."""
+    return f"{cot_prompt} {rationale.strip()}\n{ENDING}"
+
+
+def load_exemplars(path: str | Path = "", shots: int = 0, cot: bool = False) -> list[dict]:
+    """The first `shots` exemplars of a jsonl file (default: minirlaif/exemplars.jsonl)."""
+    if shots <= 0:
+        return []
+    path = Path(path or EXEMPLARS_PATH)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if shots > len(rows):
+        raise ValueError(f"{path}: asked for {shots} shots, the file holds {len(rows)} exemplars")
+    for i, ex in enumerate(rows[:shots]):
+        need = ["text", "summary_1", "summary_2", "preferred"] + (["rationale"] if cot else [])
+        missing = [k for k in need if k not in ex]
+        if missing or ex["preferred"] not in (1, 2):
+            raise ValueError(f"{path}:{i + 1}: an exemplar needs {need} with preferred 1 or 2 (missing {missing})")
+    return rows[:shots]
+
+
+# direct scoring (d-RLAIF hook): one summary, a score on 1..9 (single digits: one token each in any BPE; the
+# paper's 1..10 would make "1" ambiguous with the start of "10"), reward = expected score rescaled to [-1, 1]
+SCORE_CHOICES = tuple(str(i) for i in range(1, 10))
+SCORE_INSTRUCTION = ("Rate the summary of the text below from 1 (useless) to 9 (excellent) for its coherence, "
+                     "accuracy, coverage and overall quality. Answer with a single digit.")
+SCORE_ENDING = "Score="
+
+
+def build_score_prompt(text: str, summary: str) -> str:
+    return f"{SCORE_INSTRUCTION}\n\nText - {text}\nSummary - {summary}\n{SCORE_ENDING}"
+
+
+def direct_scores(labeler, items: list[dict], summary_key: str = "summary") -> list[float | None]:
+    """d-RLAIF rewards: sum_i i * P(i) over the digits 1..9, rescaled to [-1, 1]; None where unreadable."""
+    prompts = [build_score_prompt(judge_text(it), it[summary_key]) for it in items]
+    out = []
+    for r in labeler.choice_probs(prompts, SCORE_CHOICES):
+        if r["probs"] is None:
+            out.append(None)
+            continue
+        expected = sum((k + 1) * p for k, p in enumerate(r["probs"]))  # in [1, 9]
+        out.append((expected - 1) / 4 - 1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading the answer: single-token candidates, normalised
+
+
+def choice_token_ids(tokenizer, choice: str) -> list[int]:
+    """Every token id that spells `choice` by itself: "1" and " 1" (and the vocabulary's own "1" when encode
+    would split it, as SentencePiece does). Summing them is what makes the label independent of spacing."""
+    ids = []
+    for variant in (choice, " " + choice):
+        enc = tokenizer.encode(variant, add_special_tokens=False)
+        if len(enc) == 1 and enc[0] not in ids:
+            ids.append(enc[0])
+    vocab_id = tokenizer.convert_tokens_to_ids(choice)
+    if isinstance(vocab_id, int) and vocab_id != tokenizer.unk_token_id and vocab_id not in ids:
+        ids.append(vocab_id)
+    if not ids:
+        raise ValueError(f"the labeler's tokenizer has no single token for {choice!r} (nor {' ' + choice!r})")
+    return ids
+
+
+def normalise(raw: list[float], why_empty: str) -> dict:
+    """Raw candidate probabilities -> {"probs": normalised or None, "mass": their sum, "null_reason"}."""
+    mass = float(sum(raw))
+    if not mass > 0 or not math.isfinite(mass):
+        return {"probs": None, "mass": mass, "null_reason": why_empty}
+    return {"probs": [float(r) / mass for r in raw], "mass": mass, "null_reason": None}
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a prompt as the labeler should see it: inside a user turn when the tokenizer has a chat
+    template (instruction-tuned labelers), else as plain text (with the tokenizer's own BOS, if it adds one)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the LM labelers' shared judging: prompts -> (rationale) -> P("1"), P("2")
+
+
+@dataclass
+class PromptSpec:
+    """How an LM labeler builds its prompts."""
+    preamble: str = "detailed"
+    exemplars: list = dataclasses.field(default_factory=list)
+    cot: bool = False
+    cot_max_tokens: int = 512
+
+
+def _add_usage(*usages) -> dict | None:
+    usages = [u for u in usages if u]
+    if not usages:
+        return None
+    return {k: sum(u.get(k, 0) for u in usages) for k in ("prompt_tokens", "completion_tokens")}
+
+
+def lm_judge(labeler, queries: list[dict]) -> list[dict]:
+    """Verdicts of an LM labeler (hf, vllm, openai) for ordered pairs {"subreddit", "title", "post", "first",
+    "second"}: P(first better) = P("1") / (P("1") + P("2")) at the end of the (CoT-completed) prompt."""
+    spec = labeler.spec
+    prompts = [build_prompt(judge_text(q), q["first"], q["second"], spec.preamble, spec.exemplars, spec.cot)
+               for q in queries]
+    rationales, cot_usage = [None] * len(queries), [None] * len(queries)
+    if spec.cot:
+        outs = labeler.complete(prompts, spec.cot_max_tokens)
+        rationales, cot_usage = [o["text"] for o in outs], [o.get("usage") for o in outs]
+        prompts = [cot_scoring_prompt(p, r) for p, r in zip(prompts, rationales)]
+    verdicts = []
+    for r, rationale, u in zip(labeler.choice_probs(prompts, CHOICES), rationales, cot_usage):
+        verdicts.append({"p_first": None if r["probs"] is None else r["probs"][0], "mass": r["mass"],
+                         "rationale": rationale, "null_reason": r["null_reason"],
+                         "usage": _add_usage(u, r.get("usage"))})
+    return verdicts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backends
+
+
+class RuleLabeler:
+    """The synthetic task's judge as a labeler: P(first better) = sigmoid((s1 - s2) / T + bias + noise).
+
+    `position_bias` (a logit toward the first position) and `noise` simulate an imperfect LLM labeler. The noise
+    of each (pair, order) comes from its own RNG seeded by (seed, id, order), so a label does not depend on what
+    else is in the batch, and a resumed run writes the labels an uninterrupted one would.
+    """
+
+    def __init__(self, temperature: float = 0.1, position_bias: float = 0.0, noise: float = 0.0, seed: int = 0):
+        from minirlaif.synthetic import RuleJudge
+
+        self.judge_fn = RuleJudge(temperature=temperature, position_bias=position_bias, noise=noise)
+        self.seed, self.usage = seed, {}
+
+    def judge(self, queries: list[dict]) -> list[dict]:
+        verdicts = []
+        for q in queries:
+            if not q.get("facts"):
+                raise ValueError(f"{q.get('id')}: the rule labeler reads the synthetic task's `facts`, which this "
+                                 f"post does not have; label real data with --labeler hf, vllm or openai")
+            rng = random.Random(f"{self.seed}:{q.get('id')}:{q.get('order', '')}")
+            p = self.judge_fn.prob_first({"facts": q["facts"]}, q["first"], q["second"], rng)
+            verdicts.append({"p_first": p, "mass": None, "rationale": None, "null_reason": None, "usage": None})
+        return verdicts
+
+
+class HFLabeler:
+    """Any local causal LM through transformers: one forward pass per prompt, P(next token) at its end.
+
+    Prompts are batched in length order with left padding; positions come from the mask, so a padded prompt
+    reads the same probabilities as the prompt alone. Rationales are decoded greedily with the shared sampler.
+    """
+
+    def __init__(self, model, tokenizer, spec: PromptSpec | None = None, batch_size: int = 8, device="cpu"):
+        self.model, self.tokenizer, self.spec = model.eval(), tokenizer, spec or PromptSpec()
+        self.batch_size, self.device = batch_size, torch.device(device)
+        # padding is masked out, so any id works; the tokenizer is used as saved (adding a [PAD] would need a
+        # resized embedding)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+        cfg = model.config
+        self.max_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 10**9
+        self.usage = {}
+
+    def judge(self, queries):
+        return lm_judge(self, queries)
+
+    def _batches(self, ids: list[list[int]]):
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    @torch.no_grad()
+    def choice_probs(self, prompts: list[str], choices: tuple[str, ...]) -> list[dict]:
+        from minirlaif.models import head, hidden_states, pad_batch
+
+        cand = [choice_token_ids(self.tokenizer, c) for c in choices]
+        ids = [encode_prompt(self.tokenizer, p) for p in prompts]
+        out: list[dict | None] = [None] * len(prompts)
+        for idx in self._batches(ids):
+            fits = [i for i in idx if len(ids[i]) <= self.max_len]
+            for i in idx:
+                if len(ids[i]) > self.max_len:
+                    out[i] = {"probs": None, "mass": None,
+                              "null_reason": f"prompt has {len(ids[i])} tokens, over the labeler's {self.max_len}"}
+            if not fits:
+                continue
+            x, mask = pad_batch([ids[i] for i in fits], self.pad_id, side="left")
+            hidden, _ = hidden_states(self.model, x.to(self.device), mask.to(self.device))
+            probs = torch.softmax(head(self.model)(hidden[:, -1]).float(), dim=-1).cpu()  # (B, V) at the ending
+            for row, i in enumerate(fits):
+                raw = [probs[row, c].sum().item() for c in cand]
+                out[i] = normalise(raw, f"zero probability on {list(choices)}")
+        return out
+
+    @torch.no_grad()
+    def complete(self, prompts: list[str], max_tokens: int) -> list[dict]:
+        from minirlaif.generation import generate
+        from minirlaif.models import pad_batch
+
+        ids = [encode_prompt(self.tokenizer, p) for p in prompts]
+        out: list[dict | None] = [None] * len(prompts)
+        eos = self.tokenizer.eos_token_id
+        for idx in self._batches(ids):
+            n_new = min(max_tokens, self.max_len - max(len(ids[i]) for i in idx))
+            if n_new <= 0:  # no room in the context: the scoring step will report the prompt as too long
+                for i in idx:
+                    out[i] = {"text": ""}
+                continue
+            x, mask = pad_batch([ids[i] for i in idx], self.pad_id, side="left")
+            gen = generate(self.model, x.to(self.device), mask.to(self.device), n_new, eos_id=eos,
+                           pad_id=self.pad_id, greedy=True)
+            for row, i in enumerate(idx):
+                toks = gen.tokens[row][gen.mask[row].bool()].tolist()
+                out[i] = {"text": self.tokenizer.decode(toks, skip_special_tokens=True)}
+        return out
+
+
+class VLLMLabeler:
+    """A local LM served by vLLM. vLLM returns the top-k logprobs of the next token (k = `top_logprobs`, raised
+    from vLLM's default cap of 20 via max_logprobs); a candidate outside them counts as probability 0, and a
+    prompt where both are outside gets a null label. Prompts are tokenized as for HFLabeler."""
+
+    def __init__(self, model_path: str, spec: PromptSpec | None = None, tensor_parallel_size: int = 1,
+                 top_logprobs: int = 20, seed: int = 0, gpu_memory_utilization: float = 0.85):
+        from vllm import LLM  # optional dependency
+
+        self.llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, seed=seed,
+                       gpu_memory_utilization=gpu_memory_utilization, max_logprobs=max(20, top_logprobs))
+        self.tokenizer, self.top_logprobs, self.usage = self.llm.get_tokenizer(), top_logprobs, {}
+        self.spec = spec or PromptSpec()
+
+    def judge(self, queries):
+        return lm_judge(self, queries)
+
+    def _run(self, prompts, params):
+        ids = [encode_prompt(self.tokenizer, p) for p in prompts]
+        results = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+        return ids, results
+
+    def choice_probs(self, prompts, choices):
+        from vllm import SamplingParams
+
+        cand = [choice_token_ids(self.tokenizer, c) for c in choices]
+        ids, results = self._run(prompts, SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.top_logprobs))
+        out = []
+        for x, res in zip(ids, results):
+            top = res.outputs[0].logprobs[0]  # {token id: Logprob} of the first generated position
+            raw = [sum(math.exp(top[t].logprob) for t in c if t in top) for c in cand]
+            r = normalise(raw, f"neither of {list(choices)} in the top-{self.top_logprobs} logprobs")
+            r["usage"] = {"prompt_tokens": len(x), "completion_tokens": 1}
+            out.append(r)
+        return out
+
+    def complete(self, prompts, max_tokens):
+        from vllm import SamplingParams
+
+        ids, results = self._run(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+        return [{"text": r.outputs[0].text,
+                 "usage": {"prompt_tokens": len(x), "completion_tokens": len(r.outputs[0].token_ids)}}
+                for x, r in zip(ids, results)]
+
+
+class APIError(RuntimeError):
+    """An API request failed for good: a non-retryable status, or the retry budget is spent."""
+
+
+# statuses worth retrying: rate limits, timeouts and server errors; others (400, 401, 404, ...) will not improve
+_RETRY_STATUS = {408, 409, 429}
+
+
+class OpenAILabeler:
+    """Any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM's server, llama.cpp, ...), via urllib.
+
+    Each prompt is one user message. Scoring requests ask for one token with `logprobs` and `top_logprobs` and
+    read "1" / "2" from the top list; rationales are greedy (temperature 0) completions. Requests run
+    `max_concurrency` at a time; 429 / 5xx / timeouts / connection errors / malformed bodies are retried with
+    exponential backoff and full jitter (honouring Retry-After), then raise APIError. The key comes from the
+    environment variable OPENAI_API_KEY only, and is never printed or stored.
+    """
+
+    def __init__(self, api_base: str, model: str, spec: PromptSpec | None = None, top_logprobs: int = 20,
+                 max_concurrency: int = 8, max_retries: int = 6, retry_base_delay: float = 1.0,
+                 retry_max_delay: float = 60.0, request_timeout: float = 60.0, seed: int = 0):
+        if not model:
+            raise ValueError("the openai labeler needs --api-model")
+        self.url = api_base.rstrip("/") + "/chat/completions"
+        self.model, self.spec, self.top_logprobs, self.seed = model, spec or PromptSpec(), top_logprobs, seed
+        self.max_concurrency, self.max_retries = max_concurrency, max_retries
+        self.base_delay, self.max_delay, self.timeout = retry_base_delay, retry_max_delay, request_timeout
+        self._key = os.environ.get("OPENAI_API_KEY", "")
+        self._lock, self._jitter = threading.Lock(), random.Random()
+        self.usage = {"requests": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+    def judge(self, queries):
+        return lm_judge(self, queries)
+
+    def __repr__(self):  # never show the key
+        return f"OpenAILabeler(url={self.url!r}, model={self.model!r})"
+
+    def _count(self, **kw):
+        with self._lock:
+            for k, v in kw.items():
+                self.usage[k] += v
+
+    def _post(self, body: dict, parse):
+        """POST a request and parse its JSON answer with `parse` (which raises on a malformed body), retrying."""
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = "Bearer " + self._key
+        last, retry_after = "", 0.0
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self._count(retries=1)
+                delay = self._jitter.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+                time.sleep(max(delay, min(retry_after, self.max_delay)) if retry_after else delay)
+            retry_after = 0.0
+            try:
+                req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    raw = resp.read()
+                self._count(requests=1)
+                answer = json.loads(raw)
+                usage = (answer.get("usage") or {}) if isinstance(answer, dict) else {}
+                usage = {k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens")}
+                self._count(**usage)  # billed even if the body turns out malformed
+                return parse(answer), usage
+            except urllib.error.HTTPError as e:
+                self._count(requests=1)
+                try:
+                    detail = e.read()[:300].decode("utf-8", "replace")
+                except (OSError, http.client.HTTPException):
+                    detail = ""
+                if e.code not in _RETRY_STATUS and e.code < 500:
+                    raise APIError(f"{self.url}: HTTP {e.code} (not retryable): {detail}") from None
+                last = f"HTTP {e.code}: {detail}"
+                try:
+                    retry_after = float(e.headers.get("Retry-After") or 0)
+                except ValueError:
+                    retry_after = 0.0
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
+                last = f"{type(e).__name__}: {e}"
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:  # incl. JSONDecodeError
+                last = f"malformed response: {type(e).__name__}: {e}"
+        raise APIError(f"{self.url}: giving up after {self.max_retries + 1} attempts; last error: {last}")
+
+    def _map(self, fn, xs):
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, self.max_concurrency))
+        try:
+            return list(pool.map(fn, xs))
+        finally:  # on an error, requests not yet started are cancelled; those in flight finish
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _body(self, prompt: str, **kw) -> dict:
+        return {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0.0,
+                "seed": self.seed, **kw}
+
+    def choice_probs(self, prompts, choices):
+        variants = [(c, " " + c) for c in choices]
+
+        def parse(answer):
+            first = answer["choices"][0]["logprobs"]["content"][0]
+            top = [(t["token"], float(t["logprob"])) for t in first["top_logprobs"]]
+            raw = [sum(math.exp(lp) for tok, lp in top if tok in v) for v in variants]
+            best = max(top, key=lambda t: t[1])[0] if top else None
+            return normalise(raw, f"neither of {list(choices)} in the top-{len(top)} logprobs (top token {best!r})")
+
+        def one(prompt):
+            result, usage = self._post(self._body(prompt, max_tokens=1, logprobs=True,
+                                                  top_logprobs=self.top_logprobs), parse)
+            return {**result, "usage": usage}
+
+        return self._map(one, prompts)
+
+    def complete(self, prompts, max_tokens):
+        def parse(answer):
+            text = answer["choices"][0]["message"]["content"]
+            if not isinstance(text, str):
+                raise TypeError(f"message content is {type(text).__name__}, not text")
+            return text
+
+        def one(prompt):
+            text, usage = self._post(self._body(prompt, max_tokens=max_tokens), parse)
+            return {"text": text, "usage": usage}
+
+        return self._map(one, prompts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configuration and construction
+
+
+@dataclass
+class JudgeConfig:
+    """Labeler settings; label.py's Config extends it, and any object with these attributes works."""
+    labeler: str = "rule"
+    """rule: the synthetic task's judge (needs its facts); hf: a local causal LM; vllm: a local LM via vLLM;
+    openai: an OpenAI-compatible chat-completions endpoint"""
+    judge_model: str = ""
+    """hf / vllm labeler: hub id or path of the LM"""
+    preamble: str = "detailed"
+    """base (which summary is better, answer 1 or 2) or detailed (adds the qualities: coherence, accuracy,
+    coverage, overall quality)"""
+    shots: int = 0
+    """few-shot exemplars in the prompt (the paper found 0 as good as more)"""
+    exemplars: str = ""
+    """jsonl file of exemplars (empty: minirlaif/exemplars.jsonl)"""
+    cot: bool = False
+    """chain of thought: decode a rationale greedily first, then read the answer after it"""
+    cot_max_tokens: int = 512
+    """longest rationale, in tokens"""
+    rule_temperature: float = 0.1
+    """rule labeler: P(first better) = sigmoid(score difference / this + bias + noise)"""
+    rule_position_bias: float = 0.0
+    """rule labeler: logit added toward the summary shown first (negative: the second), simulating LLM position bias"""
+    rule_noise: float = 0.0
+    """rule labeler: std of Gaussian noise on the logit, seeded per (pair, order)"""
+    judge_batch_size: int = 8
+    """hf labeler: prompts per forward pass"""
+    device: str = "auto"
+    """hf labeler and sampler: cuda when available, else cpu (or name one)"""
+    top_logprobs: int = 20
+    """vllm / openai: how many top next tokens to read "1" and "2" from (OpenAI allows at most 20)"""
+    tensor_parallel_size: int = 1
+    """vllm: GPUs per model"""
+    gpu_memory_utilization: float = 0.85
+    """vllm: fraction of GPU memory it may take"""
+    api_base: str = "https://api.openai.com/v1"
+    """openai: base URL of the chat-completions endpoint (the key is read from OPENAI_API_KEY only)"""
+    api_model: str = ""
+    """openai: model name sent with each request"""
+    max_concurrency: int = 8
+    """openai: requests in flight at once"""
+    max_retries: int = 6
+    """openai: retries of a request (429, 5xx, timeout, malformed body) before giving up with an error"""
+    retry_base_delay: float = 1.0
+    """openai: first backoff delay in seconds (doubled per retry, full jitter)"""
+    retry_max_delay: float = 60.0
+    """openai: longest backoff delay in seconds"""
+    request_timeout: float = 60.0
+    """openai: seconds before a request counts as timed out"""
+    price_input_per_1m: float = 0.0
+    """openai / vllm: price per million prompt tokens, for the cost estimate in metrics.json"""
+    price_output_per_1m: float = 0.0
+    """openai / vllm: price per million completion tokens"""
+
+
+def resolve_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def make_labeler(cfg, seed: int | None = None):
+    """A labeler from a JudgeConfig or any object with some of its attributes (the others take its defaults)."""
+    c = JudgeConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(JudgeConfig) if hasattr(cfg, f.name)})
+    seed = getattr(cfg, "seed", 0) if seed is None else seed
+    if c.labeler == "rule":
+        return RuleLabeler(c.rule_temperature, c.rule_position_bias, c.rule_noise, seed=seed)
+    if c.preamble not in PREAMBLES:
+        raise ValueError(f"unknown preamble {c.preamble!r}; one of {sorted(PREAMBLES)}")
+    spec = PromptSpec(c.preamble, load_exemplars(c.exemplars, c.shots, c.cot), c.cot, c.cot_max_tokens)
+    if c.labeler == "hf":
+        from transformers import AutoTokenizer
+
+        from minirlaif.models import load_causal_lm
+
+        if not c.judge_model:
+            raise ValueError("the hf labeler needs --judge-model")
+        device = resolve_device(c.device)
+        dtype = torch.bfloat16 if device.startswith("cuda") else None
+        model = load_causal_lm(c.judge_model, dtype=dtype).to(device)
+        return HFLabeler(model, AutoTokenizer.from_pretrained(c.judge_model), spec, c.judge_batch_size, device)
+    if c.labeler == "vllm":
+        if not c.judge_model:
+            raise ValueError("the vllm labeler needs --judge-model")
+        return VLLMLabeler(c.judge_model, spec, c.tensor_parallel_size, c.top_logprobs, seed,
+                           c.gpu_memory_utilization)
+    if c.labeler == "openai":
+        return OpenAILabeler(c.api_base, c.api_model, spec, c.top_logprobs, c.max_concurrency, c.max_retries,
+                             c.retry_base_delay, c.retry_max_delay, c.request_timeout, seed)
+    raise ValueError(f"unknown labeler {c.labeler!r}; one of rule, hf, vllm, openai")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# judging pairs in both orders, and what the labels say
+
+
+def pair_orders(item: dict, orders: str, seed: int = 0) -> list[str]:
+    """Orders to show a pair in: both, ab (A first), ba (B first), or random (one, seeded by (seed, id))."""
+    if orders == "both":
+        return ["ab", "ba"]
+    if orders in ("ab", "ba"):
+        return [orders]
+    if orders == "random":
+        return ["ab" if random.Random(f"order:{seed}:{item['id']}").random() < 0.5 else "ba"]
+    raise ValueError(f"unknown orders {orders!r}; one of both, ab, ba, random")
+
+
+def judge_pairs(labeler, items: list[dict], orders: str = "both", seed: int = 0) -> list[dict]:
+    """Soft labels for unordered pairs {"id", "subreddit", "title", "post", "summary_a", "summary_b", "facts"?}.
+
+    Returns one row per item: {"id", "p_a_ab", "p_a_ba", "p_a", "mass_ab", "mass_ba", "null_reason"} (+
+    "rationale_ab" / "rationale_ba" with CoT, + "usage" when the labeler reports tokens), where
+    p_a_ab = P(A better | A shown first), p_a_ba = P(A better | A shown second) = 1 - P(first better | B first),
+    and p_a = the mean of the orders shown. p_a is None (with a reason) if any order shown gave no label:
+    one order alone would bring the position bias back.
+    """
+    shown = [(i, order) for i, it in enumerate(items) for order in pair_orders(it, orders, seed)]
+    queries = []
+    for i, order in shown:
+        it = items[i]
+        first, second = (it["summary_a"], it["summary_b"]) if order == "ab" else (it["summary_b"], it["summary_a"])
+        queries.append({"id": it["id"], "order": order, "subreddit": it["subreddit"], "title": it["title"],
+                        "post": it["post"], "facts": it.get("facts"), "first": first, "second": second})
+    verdicts = labeler.judge(queries)
+    rows = [{"id": it["id"], "p_a_ab": None, "p_a_ba": None, "p_a": None, "mass_ab": None, "mass_ba": None,
+             "null_reason": None} for it in items]
+    reasons: list[list[str]] = [[] for _ in items]
+    usages: list[list] = [[] for _ in items]
+    for (i, order), v in zip(shown, verdicts):
+        p_first = v["p_first"]
+        # un-flip: in order "ba" the first summary is B, so P(A better) = 1 - P(first better)
+        rows[i][f"p_a_{order}"] = p_first if order == "ab" or p_first is None else 1.0 - p_first
+        rows[i][f"mass_{order}"] = v.get("mass")
+        if v.get("rationale") is not None:
+            rows[i][f"rationale_{order}"] = v["rationale"]
+        if p_first is None:
+            reasons[i].append(f"{order}: {v.get('null_reason') or 'no label'}")
+        usages[i].append(v.get("usage"))
+    for i, row in enumerate(rows):
+        ps = [row[f"p_a_{o}"] for o in pair_orders(items[i], orders, seed)]
+        if reasons[i]:
+            row["null_reason"] = "; ".join(reasons[i])
+        else:
+            row["p_a"] = sum(ps) / len(ps)  # the paper averages the two probabilities
+        if (u := _add_usage(*usages[i])) is not None:
+            row["usage"] = u
+    return rows
+
+
+def _pref(p: float) -> int:
+    """+1: A preferred, -1: B preferred, 0: a tie."""
+    return (p > 0.5) - (p < 0.5)
+
+
+def position_bias(rows: list[dict], bins=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5)) -> dict:
+    """How much the labels depend on the order the summaries were shown in.
+
+    consistency_rate: fraction of pairs labeled in both orders whose preferred summary is the same in both (a tie
+    in either order is not consistent); same_position_rate = 1 - it (the paper's "same position preferred").
+    mean_p_first: mean over pairs and orders of P(the summary shown first is better); 0.5 = unbiased.
+    first_position_win_rate_inconsistent: among pairs where each order preferred a different summary, the fraction
+    where it was the first-shown one both times.
+    abs_p_a_minus_half: histogram of |p_a - 0.5| (label confidence after averaging; last bin closed).
+    """
+    both = [r for r in rows if r.get("p_a_ab") is not None and r.get("p_a_ba") is not None]
+    p_first = [r["p_a_ab"] for r in rows if r.get("p_a_ab") is not None] + \
+              [1.0 - r["p_a_ba"] for r in rows if r.get("p_a_ba") is not None]
+    consistent = [_pref(r["p_a_ab"]) == _pref(r["p_a_ba"]) != 0 for r in both]
+    flipped = [r for r in both if _pref(r["p_a_ab"]) == -_pref(r["p_a_ba"]) != 0]
+    conf = [abs(r["p_a"] - 0.5) for r in rows if r.get("p_a") is not None]
+    counts = [sum(lo <= c < hi or (hi == bins[-1] and c == hi) for c in conf) for lo, hi in zip(bins, bins[1:])]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {
+        "n_pairs": len(rows),
+        "n_both_orders": len(both),
+        "n_null": sum(r.get("p_a") is None for r in rows),
+        "consistency_rate": mean(consistent),
+        "same_position_rate": None if not both else 1.0 - mean(consistent),
+        "mean_p_first": mean(p_first),
+        "n_inconsistent": len(both) - sum(consistent),
+        "first_position_win_rate_inconsistent": mean([r["p_a_ab"] > 0.5 for r in flipped]),
+        "abs_p_a_minus_half": {"bins": list(bins), "counts": counts},
+    }
+
+
+def human_agreement(rows: list[dict], a_preferred: dict[str, bool]) -> dict:
+    """Labeler-human agreement (the paper's Table 2 metric): how often the argmax of the soft label is the
+    human's choice. Per order shown (p_a_ab, p_a_ba), for the averaged label (p_a), and the mean of the two
+    orders. A tie (p exactly 0.5) counts 0.5, the expected score of breaking it at random; nulls are left out
+    of that key's denominator and counted."""
+    out = {}
+    for key, name in (("p_a_ab", "agreement_ab"), ("p_a_ba", "agreement_ba"), ("p_a", "agreement")):
+        scores = [1.0 if _pref(r[key]) == (1 if a_preferred[r["id"]] else -1) else 0.5 if r[key] == 0.5 else 0.0
+                  for r in rows if r.get(key) is not None]
+        out[name] = sum(scores) / len(scores) if scores else None
+        out[f"n_{name}"] = len(scores)
+    per_order = [out[k] for k in ("agreement_ab", "agreement_ba") if out[k] is not None]
+    out["agreement_order_mean"] = sum(per_order) / len(per_order) if per_order else None
+    out["n_null"] = sum(r.get("p_a") is None for r in rows)
+    return out
+
+
+def usage_summary(rows: list[dict], price_input_per_1m: float = 0.0, price_output_per_1m: float = 0.0) -> dict:
+    """Tokens over all rows (so a resumed run counts the earlier runs' rows too) and their estimated cost."""
+    prompt = sum((r.get("usage") or {}).get("prompt_tokens", 0) for r in rows)
+    completion = sum((r.get("usage") or {}).get("completion_tokens", 0) for r in rows)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "estimated_cost": prompt / 1e6 * price_input_per_1m + completion / 1e6 * price_output_per_1m}

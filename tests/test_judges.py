@@ -1,0 +1,446 @@
+"""minirlaif/judges.py: exact prompts, probabilities read from a real forward pass, order un-flipping, the
+position-bias analysis, a position-biased rule labeler, and the OpenAI-compatible client against a local server."""
+
+import json
+import math
+import random
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from minirlaif import judges, synthetic
+from minirlaif.judges import CHOICES, PromptSpec
+from minirlaif.models import tiny_gpt2_config, train_bpe_tokenizer
+
+ITEM = {"id": "p1", "subreddit": "relationships", "title": "My sister crashed my car",
+        "post": "My sister (24F) crashed my car yesterday. Should I forgive her?",
+        "summary_a": "My sister (24F) crashed my car. Should I forgive her?", "summary_b": "My car crashed."}
+EXEMPLARS = [{"text": "T1", "summary_1": "good one", "summary_2": "bad one", "preferred": 1, "rationale": "R1."},
+             {"text": "T2", "summary_1": "meh", "summary_2": "fine", "preferred": 2, "rationale": "R2."}]
+
+BASE = ("Below is a text followed by two summaries of it. Decide which summary is better. Answer 1 if Summary 1 is "
+        "better, or 2 if Summary 2 is better.")
+DETAILED = (
+    "A good summary is a short text that passes on the most important information of a longer text, so that "
+    "someone who reads only the summary knows what the text is about and what its author wants. Summaries are "
+    "judged on four qualities:\n"
+    "Coherence: the summary is easy to follow and reads as one whole, not as a heap of loose pieces.\n"
+    "Accuracy: everything the summary says is supported by the text; nothing is wrong, mixed up or invented.\n"
+    "Coverage: the summary keeps the key points of the text (who is involved, what happened, what the author "
+    "asks) and leaves out nothing essential.\n"
+    "Overall quality: all of the above taken together: how useful the summary is to a reader who has not seen "
+    "the text.\n"
+    "You are given a text and two summaries of it. Answer 1 or 2 to say which summary is better in coherence, "
+    "accuracy, coverage and overall quality as described above.")
+SAMPLE = ("Text - SUBREDDIT: r/relationships\nTITLE: My sister crashed my car\n"
+          "POST: My sister (24F) crashed my car yesterday. Should I forgive her?\n"
+          "Summary 1 - My sister (24F) crashed my car. Should I forgive her?\n"
+          "Summary 2 - My car crashed.\n")
+COT = "Explain which summary is better, weighing the coherence, accuracy, coverage and overall quality of each.\n"
+
+
+def prompt(preamble="base", exemplars=(), cot=False):
+    return judges.build_prompt(judges.judge_text(ITEM), ITEM["summary_a"], ITEM["summary_b"], preamble, exemplars,
+                               cot)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts
+
+
+def test_base_and_detailed_prompts_are_exact():
+    assert prompt("base") == BASE + "\n\n" + SAMPLE + "Preferred Summary="
+    assert prompt("detailed") == DETAILED + "\n\n" + SAMPLE + "Preferred Summary="
+
+
+def test_cot_prompts_are_exact():
+    first = prompt("base", cot=True)
+    assert first == BASE + "\n\n" + SAMPLE + COT + "Rationale:"
+    # the decoded rationale (with its own leading space and trailing newline) is appended, then the ending
+    assert judges.cot_scoring_prompt(first, " Summary 1 is accurate.\n") == \
+        BASE + "\n\n" + SAMPLE + COT + "Rationale: Summary 1 is accurate.\nPreferred Summary="
+
+
+def test_few_shot_prompts_are_exact():
+    assert prompt("base", EXEMPLARS) == (
+        BASE + "\n\n"
+        "Text - T1\nSummary 1 - good one\nSummary 2 - bad one\nPreferred Summary=1\n\n"
+        "Text - T2\nSummary 1 - meh\nSummary 2 - fine\nPreferred Summary=2\n\n"
+        + SAMPLE + "Preferred Summary=")
+    assert prompt("base", EXEMPLARS[:1], cot=True) == (
+        BASE + "\n\n"
+        "Text - T1\nSummary 1 - good one\nSummary 2 - bad one\n" + COT + "Rationale: R1.\nPreferred Summary=1\n\n"
+        + SAMPLE + COT + "Rationale:")
+
+
+def test_shipped_exemplars_load():
+    ex = judges.load_exemplars("", 3, cot=True)
+    assert len(ex) == 3 and {e["preferred"] for e in ex} == {1, 2}
+    with pytest.raises(ValueError, match="holds 3"):
+        judges.load_exemplars("", 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the hf labeler against a direct forward pass
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    texts = ["Preferred Summary=1", "Preferred Summary=2", "Summary 1 - a", "Summary 2 - b", "1 2 1 2 21 12",
+             prompt("base"), prompt("detailed")] * 20
+    tok = train_bpe_tokenizer(texts, vocab_size=400)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_gpt2_config(tok, n_layer=2, n_head=2, n_embd=32, n_positions=1024)).eval()
+    return model, tok
+
+
+def direct_probs(model, tok, text):
+    """P("1" or " 1") and P("2" or " 2") from one unpadded forward pass, at the prompt's last position."""
+    with torch.no_grad():
+        p = torch.softmax(model(torch.tensor([tok(text)["input_ids"]])).logits[0, -1].float(), -1)
+    one = p[tok.convert_tokens_to_ids("1")] + p[tok.convert_tokens_to_ids("Ġ1")]
+    two = p[tok.convert_tokens_to_ids("2")] + p[tok.convert_tokens_to_ids("Ġ2")]
+    return (one / (one + two)).item(), (one + two).item()
+
+
+def test_candidate_tokens_with_and_without_space(tiny_lm):
+    _, tok = tiny_lm
+    for c in CHOICES:
+        ids = judges.choice_token_ids(tok, c)
+        assert len(set(ids)) == 2 and tok.unk_token_id not in ids
+        assert sorted(ids) == sorted([tok.convert_tokens_to_ids(c), tok.convert_tokens_to_ids("Ġ" + c)])
+
+
+def test_hf_probabilities_equal_a_direct_forward_pass(tiny_lm):
+    model, tok = tiny_lm
+    labeler = judges.HFLabeler(model, tok, PromptSpec("base"), batch_size=4)
+    # a batch of prompts of different lengths: left padding must not change what is read at the ending
+    prompts = [prompt("base"), prompt("detailed"), prompt("base", EXEMPLARS)]
+    got = labeler.choice_probs(prompts, CHOICES)
+    for text, r in zip(prompts, got):
+        p1, mass = direct_probs(model, tok, text)
+        assert r["probs"][0] == pytest.approx(p1, abs=1e-5) and sum(r["probs"]) == pytest.approx(1.0)
+        assert r["mass"] == pytest.approx(mass, rel=1e-4) and r["null_reason"] is None
+    # through judge_pairs: A/B reads P(first) directly, B/A is un-flipped
+    row = judges.judge_pairs(labeler, [ITEM])[0]
+    p_ab, _ = direct_probs(model, tok, prompt("base"))
+    p_ba, _ = direct_probs(model, tok, judges.build_prompt(judges.judge_text(ITEM), ITEM["summary_b"],
+                                                           ITEM["summary_a"], "base"))
+    assert row["p_a_ab"] == pytest.approx(p_ab, abs=1e-5)
+    assert row["p_a_ba"] == pytest.approx(1 - p_ba, abs=1e-5)
+    assert row["p_a"] == pytest.approx((p_ab + 1 - p_ba) / 2, abs=1e-5)
+
+
+def test_hf_cot_decodes_greedily_then_scores_after_the_rationale(tiny_lm):
+    model, tok = tiny_lm
+    labeler = judges.HFLabeler(model, tok, PromptSpec("base", cot=True, cot_max_tokens=5))
+    first = prompt("base", cot=True)
+    ids = tok(first)["input_ids"]
+    with torch.no_grad():  # greedy decoding by hand, one token at a time
+        for _ in range(5):
+            nxt = model(torch.tensor([ids])).logits[0, -1].argmax().item()
+            if nxt == tok.eos_token_id:
+                break
+            ids.append(nxt)
+    rationale = tok.decode(ids[len(tok(first)["input_ids"]):])
+    row = judges.judge_pairs(labeler, [ITEM], orders="ab")[0]
+    assert row["rationale_ab"] == rationale
+    p1, _ = direct_probs(model, tok, judges.cot_scoring_prompt(first, rationale))
+    assert row["p_a_ab"] == pytest.approx(p1, abs=1e-5)
+
+
+def test_hf_too_long_prompt_is_null_not_guessed(tiny_lm):
+    model, tok = tiny_lm
+    labeler = judges.HFLabeler(model, tok, PromptSpec("base"))
+    labeler.max_len = 20
+    row = judges.judge_pairs(labeler, [ITEM])[0]
+    assert row["p_a"] is None and row["p_a_ab"] is None and "over the labeler's 20" in row["null_reason"]
+
+
+def test_chat_template_wraps_the_prompt_in_a_user_turn(tiny_lm):
+    _, tok = tiny_lm
+    tok.chat_template = ("{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}"
+                         "{% if add_generation_prompt %}<a>{% endif %}")
+    try:
+        assert judges.encode_prompt(tok, "hi") == tok("<u>hi</u><a>", add_special_tokens=False)["input_ids"]
+    finally:
+        tok.chat_template = None
+
+
+def test_direct_scores_are_the_rescaled_expected_digit(tiny_lm):
+    model, tok = tiny_lm
+    labeler = judges.HFLabeler(model, tok)
+    text = judges.build_score_prompt(judges.judge_text(ITEM), ITEM["summary_a"])
+    assert text.endswith("Summary - My sister (24F) crashed my car. Should I forgive her?\nScore=")
+    with torch.no_grad():
+        p = torch.softmax(model(torch.tensor([tok(text)["input_ids"]])).logits[0, -1], -1)
+    raw = [sum(p[i].item() for i in judges.choice_token_ids(tok, d)) for d in judges.SCORE_CHOICES]
+    expected = sum((k + 1) * r for k, r in enumerate(raw)) / sum(raw)
+    (got,) = judges.direct_scores(labeler, [{**ITEM, "summary": ITEM["summary_a"]}])
+    assert got == pytest.approx((expected - 1) / 4 - 1, abs=1e-5) and -1 <= got <= 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# orders, un-flipping, position bias
+
+
+class StubLabeler:
+    """Answers with a fixed rule of the (first, second) texts: a labeler we know the labels of."""
+
+    def __init__(self, rule):
+        self.rule, self.usage = rule, {}
+
+    def judge(self, queries):
+        return [{"p_first": self.rule(q), "mass": 1.0, "rationale": None,
+                 "null_reason": None if self.rule(q) is not None else "stub said nothing", "usage": None}
+                for q in queries]
+
+
+def pairs(n):
+    return [{**ITEM, "id": f"p{i}", "summary_a": "good" if i % 2 else "bad", "summary_b": "bad" if i % 2 else "good"}
+            for i in range(n)]
+
+
+def test_first_position_labeler_averages_to_a_half_and_is_never_consistent():
+    rows = judges.judge_pairs(StubLabeler(lambda q: 1.0), pairs(6))
+    assert all(r["p_a_ab"] == 1.0 and r["p_a_ba"] == 0.0 and r["p_a"] == 0.5 for r in rows)
+    pb = judges.position_bias(rows)
+    assert pb["consistency_rate"] == 0.0 and pb["same_position_rate"] == 1.0
+    assert pb["mean_p_first"] == 1.0 and pb["first_position_win_rate_inconsistent"] == 1.0
+    assert pb["abs_p_a_minus_half"]["counts"] == [6, 0, 0, 0, 0]
+    # and against humans it scores exactly chance (ties count a half)
+    agree = judges.human_agreement(rows, {r["id"]: True for r in rows})
+    assert agree["agreement"] == 0.5 and agree["agreement_ab"] == 1.0 and agree["agreement_ba"] == 0.0
+
+
+def test_unflip_keeps_the_better_summary_in_both_orders():
+    # prefers whichever summary says "good", wherever it is shown
+    rows = judges.judge_pairs(StubLabeler(lambda q: 0.9 if q["first"] == "good" else 0.1), pairs(6))
+    for i, r in enumerate(rows):
+        want = 0.9 if i % 2 else 0.1  # A is "good" for odd i
+        assert r["p_a_ab"] == pytest.approx(want) and r["p_a_ba"] == pytest.approx(want)
+        assert r["p_a"] == pytest.approx(want)
+    pb = judges.position_bias(rows)
+    assert pb["consistency_rate"] == 1.0 and pb["mean_p_first"] == pytest.approx(0.5)
+    assert pb["first_position_win_rate_inconsistent"] is None
+    assert pb["abs_p_a_minus_half"]["counts"] == [0, 0, 0, 0, 6]  # 0.4 lands in the closed last bin
+
+
+def test_a_null_order_makes_the_pair_null_with_its_reason():
+    rows = judges.judge_pairs(StubLabeler(lambda q: None if q["order"] == "ba" else 0.7), pairs(2))
+    assert all(r["p_a"] is None and r["p_a_ab"] == 0.7 and r["null_reason"] == "ba: stub said nothing"
+               for r in rows)
+    assert judges.position_bias(rows)["n_null"] == 2
+
+
+def test_one_order_and_random_order():
+    rows = judges.judge_pairs(StubLabeler(lambda q: 0.8), pairs(4), orders="ab")
+    assert all(r["p_a"] == 0.8 and r["p_a_ba"] is None for r in rows)
+    assert judges.position_bias(rows)["consistency_rate"] is None
+    rows = judges.judge_pairs(StubLabeler(lambda q: 0.8), pairs(40), orders="random", seed=3)
+    shown_ab = [r["p_a_ab"] is not None for r in rows]
+    assert 5 < sum(shown_ab) < 35 and all((r["p_a_ab"] is None) != (r["p_a_ba"] is None) for r in rows)
+    again = judges.judge_pairs(StubLabeler(lambda q: 0.8), pairs(40), orders="random", seed=3)
+    assert again == rows
+
+
+def synthetic_pairs(n, seed=0):
+    rng, tc = random.Random(seed), synthetic.TaskConfig()
+    items = []
+    for i in range(n):
+        ex = synthetic.make_example(rng, tc)
+        a, b = synthetic.corrupt(rng, ex["facts"], tc)[0], synthetic.corrupt(rng, ex["facts"], tc)[0]
+        items.append({"id": f"s{i}", **ex, "summary_a": a, "summary_b": b})
+    return items
+
+
+def test_position_biased_rule_labeler_is_biased_but_its_averaged_labels_are_not():
+    items = synthetic_pairs(300)
+    gold = judges.RuleLabeler(temperature=0.1)
+    biased = judges.RuleLabeler(temperature=0.1, position_bias=3.0)
+    rows = judges.judge_pairs(biased, items)
+    pb = judges.position_bias(rows)
+    assert pb["mean_p_first"] > 0.7 and pb["consistency_rate"] < 0.8
+    gold_rows = judges.judge_pairs(gold, items, orders="ab")
+    decided = [(r, g) for r, g in zip(rows, gold_rows) if abs(g["p_a"] - 0.5) > 1e-9]
+    agree = lambda key: sum((r[key] > 0.5) == (g["p_a"] > 0.5) for r, g in decided) / len(decided)  # noqa: E731
+    # mean(sigmoid(x + b), sigmoid(x - b)) is above 1/2 exactly when x > 0: averaging cancels the bias
+    assert agree("p_a") == 1.0
+    assert agree("p_a_ab") < 0.9 and agree("p_a_ba") < 0.9
+    assert judges.position_bias(judges.judge_pairs(gold, items))["mean_p_first"] == pytest.approx(0.5)
+
+
+def test_rule_labeler_noise_is_seeded_per_pair_and_order():
+    items = synthetic_pairs(20)
+    lab = lambda seed: judges.RuleLabeler(noise=1.0, seed=seed)  # noqa: E731
+    rows = judges.judge_pairs(lab(1), items)
+    assert rows == judges.judge_pairs(lab(1), items)
+    assert judges.judge_pairs(lab(1), items[5:6]) == rows[5:6]  # independent of the rest of the batch
+    assert judges.judge_pairs(lab(2), items) != rows
+    with pytest.raises(ValueError, match="facts"):
+        judges.judge_pairs(lab(1), [ITEM])
+
+
+def test_make_labeler_reads_any_cfg_like_object():
+    class Args:
+        labeler, rule_position_bias, seed = "rule", 1.5, 7
+    lab = judges.make_labeler(Args())
+    assert isinstance(lab, judges.RuleLabeler) and lab.judge_fn.position_bias == 1.5 and lab.seed == 7
+    with pytest.raises(ValueError, match="unknown labeler"):
+        judges.make_labeler(judges.JudgeConfig(labeler="gpt"))
+    with pytest.raises(ValueError, match="--api-model"):
+        judges.make_labeler(judges.JudgeConfig(labeler="openai"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the OpenAI-compatible client against a local chat-completions server
+
+TOP = [("1", math.log(0.6)), (" 1", math.log(0.1)), ("2", math.log(0.2)), ("Sure", math.log(0.05))]
+
+
+class FakeAPI:
+    """A chat-completions server in a thread. `plan` lists the next requests' fates (then `default`):
+    ok, 429, 500, 401, timeout (answers after the client gave up), malformed (cut JSON), nologprobs."""
+
+    def __init__(self, default="ok", delay=0.0, top=TOP):
+        self.plan, self.default, self.delay, self.top = [], default, delay, top
+        self.requests, self.lock = [], threading.Lock()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with api.lock:
+                    fate = api.plan.pop(0) if api.plan else api.default
+                    api.requests.append({"headers": dict(self.headers), "body": body, "fate": fate})
+                try:
+                    api.answer(self, fate, body)
+                except OSError:  # the client hung up (timeout)
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def answer(self, h, fate, body):
+        if fate in ("429", "500", "401"):
+            payload, status = json.dumps({"error": {"message": f"fake {fate}"}}).encode(), int(fate)
+        elif fate == "malformed":
+            payload, status = b'{"choices": [{"logprobs": ', 200
+        else:
+            if fate == "timeout":
+                time.sleep(1.0)
+            time.sleep(self.delay)
+            scoring = body.get("logprobs")
+            choice = {"index": 0, "message": {"role": "assistant", "content": "1" if scoring else "Summary 1 is fine."},
+                      "logprobs": None}
+            if scoring and fate != "nologprobs":
+                top = [{"token": t, "logprob": lp} for t, lp in self.top[: body["top_logprobs"]]]
+                choice["logprobs"] = {"content": [{"token": top[0]["token"] if top else "x", "logprob": -0.1,
+                                                   "top_logprobs": top}]}
+            usage = {"prompt_tokens": 100, "completion_tokens": 1 if scoring else 7, "total_tokens": 0}
+            payload, status = json.dumps({"id": "x", "choices": [choice], "usage": usage}).encode(), 200
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        if status == 429:
+            h.send_header("Retry-After", "0")
+        h.send_header("Content-Length", str(len(payload)))
+        h.end_headers()
+        h.wfile.write(payload)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def api():
+    server = FakeAPI()
+    yield server
+    server.close()
+
+
+def client(url, **kw):
+    opts = dict(spec=PromptSpec("base"), max_concurrency=2, max_retries=6, retry_base_delay=0.001,
+                retry_max_delay=0.01, request_timeout=0.3)
+    return judges.OpenAILabeler(url, "fake-model", **{**opts, **kw})
+
+
+def test_openai_reads_both_spellings_from_top_logprobs_and_sums_usage(api, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
+    lab = client(api.url)
+    rows = judges.judge_pairs(lab, [ITEM, {**ITEM, "id": "p2"}])
+    p1 = 0.7 / 0.9  # ("1" + " 1") / ("1" + " 1" + "2")
+    for r in rows:
+        assert r["p_a_ab"] == pytest.approx(p1) and r["p_a_ba"] == pytest.approx(1 - p1)
+        assert r["mass_ab"] == pytest.approx(0.9) and r["p_a"] == pytest.approx(0.5)
+        assert r["usage"] == {"prompt_tokens": 200, "completion_tokens": 2}
+    req = api.requests[0]
+    assert req["headers"]["Authorization"] == "Bearer sk-secret-123"
+    body = req["body"]
+    assert body["logprobs"] is True and body["top_logprobs"] == 20 and body["max_tokens"] == 1
+    assert body["temperature"] == 0.0 and body["model"] == "fake-model"
+    assert sorted(r["body"]["messages"][0]["content"] for r in api.requests)[0] in \
+        {prompt("base"), judges.build_prompt(judges.judge_text(ITEM), ITEM["summary_b"], ITEM["summary_a"], "base")}
+    assert lab.usage == {"requests": 4, "retries": 0, "prompt_tokens": 400, "completion_tokens": 4}
+    cost = judges.usage_summary(rows, price_input_per_1m=2.5, price_output_per_1m=10.0)
+    assert cost == {"prompt_tokens": 400, "completion_tokens": 4, "estimated_cost": pytest.approx(400 * 2.5e-6 + 4e-5)}
+    assert "sk-secret" not in repr(lab) and "sk-secret" not in json.dumps(lab.usage)
+
+
+def test_openai_retries_429_500_timeouts_and_malformed_bodies(api):
+    api.plan = ["429", "500", "timeout", "malformed", "nologprobs"]
+    lab = client(api.url)
+    (r,) = lab.choice_probs(["p"], CHOICES)
+    assert r["probs"][0] == pytest.approx(0.7 / 0.9)
+    assert lab.usage["retries"] == 5 and len(api.requests) == 6
+
+
+def test_openai_gives_up_with_a_clear_error_and_no_label(api, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
+    api.default = "500"
+    lab = client(api.url, max_retries=2)
+    with pytest.raises(judges.APIError, match=r"giving up after 3 attempts; last error: HTTP 500") as e:
+        judges.judge_pairs(lab, [ITEM], orders="ab")
+    assert "sk-secret" not in str(e.value)
+    api.default = "timeout"
+    with pytest.raises(judges.APIError, match="giving up after 3 attempts; last error: .*timed out"):
+        lab.choice_probs(["p"], CHOICES)
+    api.default = "malformed"
+    with pytest.raises(judges.APIError, match="malformed response"):
+        lab.choice_probs(["p"], CHOICES)
+
+
+def test_openai_does_not_retry_a_client_error(api):
+    api.plan = ["401"]
+    with pytest.raises(judges.APIError, match="HTTP 401 .not retryable"):
+        client(api.url).choice_probs(["p"], CHOICES)
+    assert len(api.requests) == 1
+
+
+def test_openai_answer_outside_top_logprobs_is_null_with_reason():
+    server = FakeAPI(top=[("Summary", math.log(0.5)), ("The", math.log(0.3))])
+    try:
+        (row,) = judges.judge_pairs(client(server.url), [ITEM])
+    finally:
+        server.close()
+    assert row["p_a"] is None and row["p_a_ab"] is None and row["mass_ab"] == 0.0
+    assert "ab: neither of ['1', '2'] in the top-2 logprobs (top token 'Summary')" in row["null_reason"]
+
+
+def test_openai_cot_sends_the_rationale_back(api):
+    lab = client(api.url, spec=PromptSpec("base", cot=True, cot_max_tokens=64))
+    (row,) = judges.judge_pairs(lab, [ITEM], orders="ab")
+    assert row["rationale_ab"] == "Summary 1 is fine."
+    first, second = api.requests[0]["body"], api.requests[1]["body"]
+    assert first["max_tokens"] == 64 and "logprobs" not in first
+    assert second["messages"][0]["content"] == judges.cot_scoring_prompt(prompt("base", cot=True), "Summary 1 is fine.")
+    assert row["usage"] == {"prompt_tokens": 200, "completion_tokens": 8}
