@@ -1,0 +1,383 @@
+"""Stage 3, reward model: learn a scalar reward from pairwise preferences, AI (RLAIF) or human (RLHF baseline).
+
+Algorithm: the SFT model plus a new scalar head (`AutoModelForSequenceClassification`, one label) reads
+`query + " " + summary + eos` and its reward is the head at the EOS (the last token of the attention mask). For a
+pair (a, b) with label p = P(a is better), the loss is the soft-label Bradley-Terry cross-entropy
+    -[p log sigmoid(r_a - r_b) + (1 - p) log sigmoid(r_b - r_a)]      (losses.bradley_terry_loss)
+plus, optionally, center_coef * mean((r_a + r_b)^2), which keeps rewards near 0. It is averaged over the *global*
+batch of pairs (all micro-batches and ranks). AdamW, linear warmup and decay, gradient clipping. The checkpoint
+with the lowest validation loss is kept; then every reward is shifted so that the SFT dataset's reference
+summaries average 0 (folded into the weights, `models.fold_reward_offset`, so any loader applies it), and the
+model is scored on the test sets (`minirlaif.reward.evaluate_pairs`).
+
+Feedback (`--feedback`):
+- ai (default): label.py's `pairs.jsonl`; soft labels, or `--labels hard` (argmax; ties 0.5 excluded);
+  `--drop-inconsistent` drops pairs whose two judge orders disagree. Null labels are skipped and counted. Pairs are
+  split by post id (seeded hash) into train / validation / test.
+- human: the human comparisons' train split (split by post id into train / validation; `--min-confidence`
+  filters it); their validation split is the held-out test set.
+Both report `acc_ai_test` (the AI test split, argmax of the soft label, ties excluded) and `acc_human_conf8` (the
+held-out human comparisons with confidence >= 8), so the two reward models are compared on the same pairs.
+
+Deliberate choices (see README "Implementation details"):
+- the checkpoint is chosen on validation and numbers are reported on test (the seed chose on the split it reported);
+- over-long pairs are kept: the post is cut at its last newline (`data.build_query`, as for the SFT and PPO
+  queries) and summaries are capped keeping their EOS, all counted (the seed dropped long pairs silently);
+- summaries are the token ids label.py sampled (no decode / re-encode round trip);
+- soft labels are used as they are (the seed clipped them to [0.4, 0.6]);
+- dropout is off, so training and scoring see the same function (and PPO's value model starts from it).
+
+Commands:
+  CPU, tiny (default):  python train_rm.py                   (after train_sft.py and label.py)
+  RLHF baseline:        python train_rm.py --feedback human
+  1 GPU:                python train_rm.py --preset gpt2-large [--feedback human]
+  torchrun:             torchrun --nproc_per_node 4 train_rm.py --preset gpt2-large
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from minirlaif.data import load_posts
+from minirlaif.losses import bradley_terry_loss
+from minirlaif.models import disable_dropout, fold_reward_offset, load_scalar_model, load_tokenizer
+from minirlaif.reward import (HUMAN_CONFIDENCE, Encoder, SequenceRewards, evaluate_pairs, load_ai_pairs,
+                              load_human_pairs, mean_reference_reward, padding_invariance, pair_batch, pair_metrics,
+                              score_pairs, split_by_id, training_labels)
+from minirlaif.utils import (MetricLogger, all_reduce, autocast, batch_indices, cleanup_dist, clear_checkpoint,
+                             config_dict, finished_metrics, load_checkpoint, parse_config, quiet_transformers,
+                             save_atomic, save_checkpoint, set_seed, setup_dist, write_json, write_manifest)
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    """tiny: synthetic task on CPU; gpt2-large: the seed's setup (hub data); micro: a few steps, for tests"""
+    out_dir: str = ""
+    """where the model, metrics.json, manifest.json and the checkpoint go; empty: runs/{preset}/rm for AI
+    feedback, runs/{preset}/rm_human for human feedback"""
+    seed: int = 1
+    """seeds the head init, the splits, the data order and every RNG"""
+    resume: bool = True
+    """continue from out_dir's checkpoint when there is one (--no-resume starts over)"""
+    feedback: str = "ai"
+    """ai: label.py's AI preferences (RLAIF); human: the human comparisons (the RLHF baseline)"""
+    sft_model: str = "runs/{preset}/sft"
+    """the SFT checkpoint the reward model starts from (and whose tokenizer it uses)"""
+    labels_path: str = "runs/{preset}/labels/pairs.jsonl"
+    """label.py's AI-labeled pairs (trains the AI RM; its test split gives acc_ai_test for both feedback kinds)"""
+    labels: str = "soft"
+    """ai feedback: soft (the judge's probability) or hard (its argmax; ties p_a == 0.5 excluded)"""
+    drop_inconsistent: bool = False
+    """ai feedback: drop pairs whose two judge orders prefer different summaries"""
+    comparisons: str = "runs/{preset}/data/comparisons"
+    """human comparisons (openai/summarize_from_feedback schema): its train split trains the human RM, its
+    validation split (CNN/DM dropped) is the held-out human test set"""
+    min_confidence: int = 0
+    """human feedback: train only on comparisons with confidence >= this (0: all)"""
+    n_human_eval: int = -1
+    """score at most this many held-out human comparisons of confidence >= 8 (seeded sample; -1: all)"""
+    reference_dataset: str = "runs/{preset}/data/sft"
+    """SFT dataset whose train-split reference summaries define reward 0"""
+    n_reference: int = 256
+    """reference summaries (a seeded sample of posts) averaged for the reward offset"""
+    val_frac: float = 0.1
+    """fraction of post ids in the validation split (checkpoint selection)"""
+    test_frac: float = 0.1
+    """ai feedback: fraction of post ids in the test split"""
+    n_val: int = -1
+    """use at most this many validation pairs (-1: all)"""
+    max_query_tokens: int = 200
+    """queries longer than this are cut at the post's last newline (counted), as in SFT and PPO"""
+    max_summary_tokens: int = 48
+    """summaries longer than this are cut (counted); the EOS is kept"""
+    batch_size: int = 32
+    """pairs per optimizer step, over all ranks and micro-batches"""
+    micro_batch_size: int = 32
+    """pairs per forward pass on one rank (two sequences each)"""
+    max_steps: int = -1
+    """optimizer steps; -1: `epochs` epochs"""
+    epochs: int = 2
+    """epochs when max_steps is -1"""
+    lr: float = 1e-3
+    """peak learning rate"""
+    warmup_steps: int = 5
+    """linear warmup from 0"""
+    min_lr_ratio: float = 0.0
+    """linear decay ends at lr * min_lr_ratio"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    grad_clip: float = 1.0
+    """max gradient norm"""
+    center_coef: float = 0.0
+    """adds center_coef * mean((r_a + r_b)^2) to the loss (reward centering; 0: off)"""
+    bf16: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)"""
+    eval_every: int = 20
+    """steps between validation evaluations (the best one is kept)"""
+    eval_batch_size: int = 64
+    """sequences per forward pass when scoring"""
+    checkpoint_every: int = 20
+    """steps between resumable checkpoints"""
+    log_every: int = 5
+    """steps between metric lines"""
+    wandb_project: str = ""
+    """log to this wandb project (optional)"""
+    tensorboard: bool = False
+    """also log to tensorboard (optional)"""
+
+
+PRESETS = {
+    "micro": dict(max_steps=8, batch_size=8, micro_batch_size=4, lr=1e-3, warmup_steps=2, eval_every=4,
+                  checkpoint_every=4, log_every=2, n_reference=32, n_human_eval=64, n_val=32, eval_batch_size=16,
+                  val_frac=0.2, test_frac=0.2),
+    "gpt2-large": dict(labels_path="runs/{preset}/labels/pairs.jsonl", comparisons="openai/summarize_from_feedback",
+                       reference_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered", n_reference=2048,
+                       val_frac=0.05, test_frac=0.05, n_val=2048, max_query_tokens=512, max_summary_tokens=128,
+                       batch_size=128, micro_batch_size=8, max_steps=-1, epochs=1, lr=1e-4, warmup_steps=0,
+                       min_lr_ratio=0.0, eval_every=100, eval_batch_size=32, checkpoint_every=100, log_every=10),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def pair_loss(rewards_fn, ids, mask, prob_a, center_coef: float = 0.0):
+    """(loss, r_a, r_b) of a pair batch from `reward.pair_batch` (rows: all a's, then all b's).
+
+    loss = bradley_terry_loss(r_a, r_b, prob_a) + center_coef * mean((r_a + r_b)^2), a mean over this batch's pairs.
+    """
+    r_a, r_b = rewards_fn(ids, mask).chunk(2)  # (B,), (B,)
+    loss = bradley_terry_loss(r_a, r_b, prob_a)
+    if center_coef:
+        loss = loss + center_coef * ((r_a + r_b) ** 2).mean()
+    return loss, r_a, r_b
+
+
+def lr_at(step: int, total: int, cfg: Config) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * frac)
+
+
+def validation(model, val, cfg: Config, pad_id: int, device, dist) -> dict:
+    """Mean loss (as trained: BT + centering) and accuracy on the validation pairs."""
+    r_a, r_b = score_pairs(model, val, pad_id, cfg.eval_batch_size, device, cfg.bf16, dist)
+    prob_a = torch.tensor([p.prob_a for p in val])
+    m = pair_metrics(r_a, r_b, prob_a)
+    loss = m["loss"] + cfg.center_coef * ((r_a.double() + r_b.double()) ** 2).mean().item()
+    return {"loss": loss, "acc": m["acc"]}
+
+
+def load_data(cfg: Config, enc: Encoder, master: bool) -> tuple[dict, dict]:
+    """(sets, counts): train / validation pairs of the chosen feedback, and the test sets every RM is scored on."""
+    counts, sets = {}, {}
+    ai_path = Path(cfg.labels_path)
+    ai = None
+    if cfg.feedback == "ai" or ai_path.is_file():
+        ai_pairs, ai_stats = load_ai_pairs(ai_path, enc)
+        ai = split_by_id(ai_pairs, cfg.seed, cfg.val_frac, cfg.test_frac)
+        counts["ai_labels"] = ai_stats
+    elif master:
+        print(f"no AI labels at {ai_path}: acc_ai_test is not computed")
+    if cfg.feedback == "ai":
+        train, train_stats = training_labels(ai["train"], cfg.labels, cfg.drop_inconsistent)
+        val, val_stats = training_labels(ai["validation"], cfg.labels, cfg.drop_inconsistent)
+        counts["excluded"] = {k: train_stats[k] + val_stats[k] for k in train_stats}  # train + validation
+    else:
+        human, human_stats = load_human_pairs(cfg.comparisons, "train", enc, min_confidence=cfg.min_confidence or None)
+        split = split_by_id(human, cfg.seed, cfg.val_frac, 0.0)
+        train, val = split["train"], split["validation"]
+        counts["human_train"] = human_stats
+    sets["train"], sets["validation"] = train, val[: cfg.n_val] if cfg.n_val > 0 else val
+    # test sets: the AI test split (soft labels) and the held-out human comparisons
+    sets["ai_test"] = ai["test"] if ai is not None else []
+    conf8, conf8_stats = load_human_pairs(cfg.comparisons, "validation", enc, min_confidence=HUMAN_CONFIDENCE,
+                                          max_pairs=cfg.n_human_eval, seed=cfg.seed)
+    sets["human_conf8"] = conf8
+    counts["human_conf8"] = conf8_stats
+    if cfg.feedback == "human":  # the human RM's own test set: every held-out comparison
+        sets["human_test"], counts["human_test"] = load_human_pairs(cfg.comparisons, "validation", enc)
+    return sets, counts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(cfg: Config) -> dict:
+    if cfg.feedback not in ("ai", "human") or cfg.labels not in ("soft", "hard"):
+        raise SystemExit(f"--feedback must be ai or human and --labels soft or hard, got {cfg.feedback}, {cfg.labels}")
+    if not cfg.out_dir:
+        cfg = dataclasses.replace(cfg, out_dir=f"runs/{cfg.preset}/{'rm' if cfg.feedback == 'ai' else 'rm_human'}")
+    out_dir = Path(cfg.out_dir)
+    if (done := finished_metrics(out_dir, cfg)) is not None:
+        print(f"{out_dir} already holds a finished run of this config; skipping (delete it to rerun)")
+        return done
+    t_start = time.time()
+    quiet_transformers()
+    dist = setup_dist()
+    device, master = dist.device, dist.master_process
+    set_seed(cfg.seed)  # the same head init on every rank
+    if device.type == "cpu" and dist.ddp:  # share the cores between the ranks
+        torch.set_num_threads(max(1, torch.get_num_threads() // dist.world_size))
+    assert cfg.batch_size % (dist.world_size * cfg.micro_batch_size) == 0, \
+        "batch_size must be a multiple of world_size * micro_batch_size"
+    grad_accum = cfg.batch_size // (dist.world_size * cfg.micro_batch_size)
+
+    # tokenizer, model (the SFT backbone plus a new scalar head), data
+    tokenizer = load_tokenizer(cfg.sft_model)
+    pad_id = tokenizer.pad_token_id
+    model = disable_dropout(load_scalar_model(cfg.sft_model, pad_token_id=pad_id)).to(device).train()
+    n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if n_positions and cfg.max_query_tokens + cfg.max_summary_tokens > n_positions:
+        raise SystemExit(f"max_query_tokens + max_summary_tokens = {cfg.max_query_tokens + cfg.max_summary_tokens} "
+                         f"exceeds the model's context of {n_positions} tokens")
+    enc = Encoder(tokenizer, cfg.max_query_tokens, cfg.max_summary_tokens)
+    sets, counts = load_data(cfg, enc, master)
+    train, val = sets["train"], sets["validation"]
+    if len(train) < cfg.batch_size or not val:
+        raise SystemExit(f"too few pairs: {len(train)} train (batch_size {cfg.batch_size}), {len(val)} validation")
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * (len(train) // cfg.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.95), fused=device.type == "cuda")
+    rewards_fn = SequenceRewards(model)  # forward = models.sequence_rewards, so DDP can wrap it
+    ddp_rewards = torch.nn.parallel.DistributedDataParallel(rewards_fn) if dist.ddp else rewards_fn
+
+    # resume: model, optimizer, step (which fixes the data position), best validation so far, RNG
+    step, ckpt_dir = 0, out_dir / "checkpoint"
+    best = {"loss": math.inf, "step": -1}
+    if cfg.resume and (state := load_checkpoint(ckpt_dir, cfg, dist, map_location=device)) is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, best = state["step"], state["best"]
+        if master:
+            print(f"resumed from {ckpt_dir} at step {step}")
+    logger = MetricLogger(out_dir, enabled=master, wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard,
+                          config=config_dict(cfg), name="rm")
+    logger.truncate_after(step)
+    if master:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"rm ({cfg.feedback} feedback, {cfg.labels if cfg.feedback == 'ai' else 'hard'} labels): "
+              f"{len(train)} train / {len(val)} val pairs, test {len(sets['ai_test'])} ai / "
+              f"{len(sets['human_conf8'])} human conf>={HUMAN_CONFIDENCE}; {n_params / 1e6:.2f}M params, "
+              f"{total_steps} steps, grad_accum {grad_accum}, world {dist.world_size}, device {device}")
+
+    # the loop: one global batch of pairs per step
+    t0, start_step, last_loss = time.time(), step, float("nan")
+    bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc="rm", disable=not master)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total_steps, cfg)
+        batch = [train[i] for i in batch_indices(step, len(train), cfg.batch_size, cfg.seed)]
+        mine = batch[dist.rank::dist.world_size]  # this rank's share of the global batch
+        micro = [mine[i: i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+        sums = torch.zeros(4, device=device)  # loss, correct, decided pairs, reward sum
+        for k, pairs in enumerate(micro):
+            ids, mask, prob_a = (t.to(device) for t in pair_batch(pairs, pad_id))
+            sync = k == len(micro) - 1  # DDP all-reduces gradients only on the last micro-batch
+            ctx = ddp_rewards.no_sync() if dist.ddp and not sync else torch.enable_grad()
+            with ctx, autocast(device, cfg.bf16):
+                loss, r_a, r_b = pair_loss(ddp_rewards, ids, mask, prob_a, cfg.center_coef)
+                # a mean over this micro-batch -> its share of the mean over the global batch
+                loss = loss * len(pairs) / cfg.batch_size
+                (loss * dist.world_size).backward()  # DDP averages over ranks; undo it to get the global sum
+            decided = prob_a != 0.5
+            correct = ((r_a > r_b) == (prob_a > 0.5)) & decided
+            sums += torch.stack([loss.detach(), correct.sum().float(), decided.sum().float(),
+                                 (r_a + r_b).detach().sum()])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums = all_reduce(sums, dist)
+        last_loss = sums[0].item()
+
+        done = step + 1
+        metrics = {"rm/loss": last_loss, "rm/acc": (sums[1] / sums[2].clamp(min=1)).item(),
+                   "rm/reward_mean": (sums[3] / (2 * cfg.batch_size)).item(),
+                   "rm/lr": optimizer.param_groups[0]["lr"], "rm/grad_norm": grad_norm.item()}
+        if done % cfg.eval_every == 0 or done == total_steps:
+            v = validation(model, val, cfg, pad_id, device, dist)
+            metrics.update({"rm/val_loss": v["loss"], "rm/val_acc": v["acc"]})
+            if v["loss"] < best["loss"]:  # checkpoint selection on validation only
+                best = {"loss": v["loss"], "step": done, "acc": v["acc"]}
+                if master:
+                    save_atomic({"model": model.state_dict(), "step": done}, ckpt_dir / "best.pt")
+        if done % cfg.log_every == 0 or "rm/val_loss" in metrics:
+            metrics["rm/pairs_per_s"] = (done - start_step) * cfg.batch_size / (time.time() - t0)
+            logger.log(done, metrics, echo=tqdm.write)
+        if done % cfg.checkpoint_every == 0 and done < total_steps:
+            save_checkpoint(ckpt_dir, done, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                             "best": best, "config": config_dict(cfg)}, dist)
+        if not math.isfinite(last_loss):
+            raise SystemExit(f"non-finite loss at step {done}; the last checkpoint in {ckpt_dir} is intact")
+    bar.close()
+    train_time = time.time() - t0
+
+    # the best validation checkpoint, shifted so that reference summaries score 0 on average
+    if dist.ddp:
+        torch.distributed.barrier()  # best.pt is written by rank 0
+    saved = torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=False)
+    assert saved["step"] == best["step"], f"{ckpt_dir / 'best.pt'} is from step {saved['step']}, not {best['step']}"
+    model.load_state_dict(saved["model"])
+    model.eval()
+    ref_posts, _ = load_posts(cfg.reference_dataset, "train")
+    ref_posts = random.Random(cfg.seed).sample(ref_posts, min(cfg.n_reference, len(ref_posts)))
+    ref_enc = Encoder(tokenizer, cfg.max_query_tokens, cfg.max_summary_tokens)
+    offset, ref_std = mean_reference_reward(model, ref_enc, ref_posts, cfg.eval_batch_size, device, cfg.bf16, dist)
+    fold_reward_offset(model, offset)
+    ref_mean_after, _ = mean_reference_reward(model, ref_enc, ref_posts, cfg.eval_batch_size, device, cfg.bf16, dist)
+
+    # test numbers
+    test_sets = {k: sets[k] for k in ("ai_test", "human_conf8", "human_test") if k in sets}
+    metrics = evaluate_pairs(model, test_sets, pad_id, cfg.eval_batch_size, device, cfg.bf16, dist,
+                             reliability_png=out_dir / "reliability.png" if master else None,
+                             title=f"{out_dir.name}: {cfg.feedback} feedback, reliability on the test sets")
+    own = "ai_test" if cfg.feedback == "ai" else "human_test"
+    some = (test_sets[own] or test_sets["human_conf8"])[:32]
+    invariance_seqs = [s for p in some for s in (p.query + p.a, p.query + p.b)]
+    headline = [f"{k}{s}" for s in ("ai_test", "human_conf8") for k in ("acc_", "n_")]  # first in metrics.json
+    metrics = {
+        **{k: metrics.pop(k) for k in headline},
+        "ece": metrics.get(f"ece_{own}"),
+        "ece_set": f"{own} ({'soft AI labels' if own == 'ai_test' else 'human choices'}), 10 confidence bins",
+        **metrics,
+        "feedback": cfg.feedback, "labels": cfg.labels if cfg.feedback == "ai" else "hard (human choice)",
+        "n_null_labels": counts.get("ai_labels", {}).get("n_null", 0),
+        "n_excluded_label_ties": counts.get("excluded", {}).get("n_label_ties", 0),
+        "n_excluded_inconsistent": counts.get("excluded", {}).get("n_inconsistent", 0),
+        "best_step": best["step"], "val_loss_best": best["loss"], "val_acc_best": best.get("acc"),
+        "padding_invariance_max_abs_diff": padding_invariance(model, invariance_seqs, pad_id, device, cfg.bf16,
+                                                              cfg.seed),
+        "padding_invariance_n": len(invariance_seqs),
+        "reward_offset": offset, "reference_reward_std": ref_std, "reference_reward_mean_after": ref_mean_after,
+        "n_reference": len(ref_posts), "train_loss": last_loss, "steps": total_steps, "train_time_s": train_time,
+        "total_time_s": time.time() - t_start, "n_train": len(train), "n_val": len(val),
+        **enc.counts(), "counts": counts,
+    }
+    if master:
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        write_json(out_dir / "metrics.json", metrics)
+        inputs = {"sft_model": cfg.sft_model, "reference_dataset": cfg.reference_dataset,
+                  "comparisons": cfg.comparisons}
+        if Path(cfg.labels_path).is_file():
+            inputs["labels"] = cfg.labels_path
+        write_manifest(out_dir, cfg, inputs)
+        clear_checkpoint(ckpt_dir)  # the saved model supersedes it
+        print({k: v for k, v in metrics.items() if k not in ("calibration", "counts")})
+    cleanup_dist(dist)
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_config(Config, PRESETS))
