@@ -120,14 +120,20 @@ def decode_summary(tokenizer, token_ids: list[int]) -> str:
 
 def vllm_generate(model_path: str, queries: list[list[int]], n: int, max_new_tokens: int, temperature: float,
                   seed: int, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.8) -> list[list[dict]]:
-    """vLLM sampling from token ids (no re-tokenisation), `n` samples per query, seeded; greedy at temperature 0."""
+    """vLLM sampling from token ids (no re-tokenisation), `n` samples per query, seeded; greedy at temperature 0.
+
+    Query i samples with its own seed row_seeds(seed)[i], as in generate_texts, so its samples do not depend on
+    the other queries of the call or on how vLLM schedules them. (vLLM's V1 engine seeds the k-th of a request's n
+    samples with seed + k: well-mixed row seeds keep those apart from the next query's, which seed + i would not.)
+    """
     from vllm import LLM, SamplingParams  # optional dependency
 
     llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, seed=seed,
               gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False)
     tok = llm.get_tokenizer()
-    params = SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed,
-                            stop_token_ids=[tok.eos_token_id], skip_special_tokens=False)
+    params = [SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=s,
+                             stop_token_ids=[tok.eos_token_id], skip_special_tokens=False)
+              for s in row_seeds(seed, n=len(queries))]
     prompts = [{"prompt_token_ids": q} for q in queries]
     results = llm.generate(prompts, params)
     return [[{"text": decode_summary(tok, list(o.token_ids)), "token_ids": list(o.token_ids)}

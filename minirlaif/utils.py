@@ -70,7 +70,8 @@ def parse_config(cls, presets: dict[str, dict[str, Any]], argv: list[str] | None
         default = getattr(defaults, f.name)
         overrides = [f"{p}: {v[f.name]}" for p, v in presets.items() if f.name in v]
         help_ = docs.get(f.name, "") + (f" [{'; '.join(overrides)}]" if overrides else "")
-        kw = dict(default=argparse.SUPPRESS, help=help_ + f" (default: {default})")
+        # argparse %-formats help strings: a literal % (in a doc, an override or a default) must be doubled
+        kw = dict(default=argparse.SUPPRESS, help=(help_ + f" (default: {default})").replace("%", "%%"))
         if f.name == "preset":
             kw["choices"] = ["tiny", *[p for p in presets if p != "tiny"]]
         if tp is bool:

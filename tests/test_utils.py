@@ -45,6 +45,24 @@ def test_help_lists_every_field_with_its_doc(capsys):
     assert "big: 1e-05" in out  # preset overrides are shown
 
 
+@dataclass
+class PctCfg:
+    preset: str = "tiny"
+    """which preset"""
+    holdout: str = "10%"
+    """share of posts held out, e.g. 10% (%(prog)s and %d are text too)"""
+
+
+def test_help_with_percent_signs(capsys):
+    # argparse %-formats help strings: a bare % in a doc, a default or a preset override used to crash --help
+    with pytest.raises(SystemExit) as exit_:
+        utils.parse_config(PctCfg, {"big": {"holdout": "5%"}}, ["--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    assert "share of posts held out, e.g. 10% (%(prog)s and %d are text too) [big: 5%] (default: 10%)" in out
+    assert utils.parse_config(PctCfg, {}, ["--holdout", "20%"]).holdout == "20%"
+
+
 def test_field_docs():
     assert utils.field_docs(Cfg)["steps"] == "optimizer steps"
 
