@@ -1,13 +1,16 @@
 """The offline synthetic TL;DR task: the `tiny` preset's data, its "human" labels and its gold judge.
 
-Each example has latent facts (the poster's age and gender, a relation with their own age and gender, how long
-they have known each other, what happened, what the poster asks). A seeded generator writes a Reddit-style post
-that states those facts among distractor sentences (other people with ages, other events, other durations), and a
-gold summary that states the key facts briefly. The files it writes use the hub datasets' schemas, plus a `facts`
-column the rule judge reads, so the loaders in `minirlaif.data` read them through the same code path as real data.
+Each example has latent facts (who the post is about, what they did, where or when, since when the poster has
+known them, what the poster asks). A seeded generator writes a Reddit-style post that states those facts among
+distractor sentences (other people, events, places and times), a gold summary that states the key facts briefly,
+and a human reference summary. Like real TL;DRs, references are of varied quality (most writers leave out where it
+happened and since when, many end with a filler sentence), so a policy that imitates them (SFT) is imperfect in
+ways that preferences can fix. Every fact is a phrase from a closed list, so a tiny model can learn to copy it in
+a minute, and the rule judge can read it back out of free text. The files use the hub datasets' schemas plus a
+`facts` column for the rule judge, so the loaders in `minirlaif.data` read them through the real-data code path.
 
 The rule judge scores a summary by the facts it states: each correct fact +1, each wrong or invented fact -1
-(over the 6 key facts), minus a penalty for words beyond the gold length. Gold summaries score exactly 1.0. The
+(over the 5 key facts), minus a penalty for words beyond the gold length. Gold summaries score exactly 1.0. The
 pairwise judge turns two scores into P(first better) = sigmoid((s1 - s2) / temperature + position_bias + noise),
 which makes it usable as a soft AI labeler (with knobs to simulate a noisy or position-biased one) and, with no
 noise and no bias, as the gold judge of evaluate.py.
@@ -37,6 +40,14 @@ EVENTS = [
     "yelled at my friends", "broke my laptop", "adopted a dog without asking", "quit without telling me",
     "moved out suddenly", "lied to my parents", "sold my guitar",
 ]
+SETTINGS = [
+    "at a party", "over text", "in front of my parents", "at work", "on my birthday", "during a road trip",
+    "at dinner", "on the phone",
+]
+SINCES = [
+    "since high school", "since college", "since we were kids", "for a few months", "for a couple of weeks",
+    "for about a year", "for almost a decade", "since last summer",
+]
 ASKS = [
     "should I leave", "am I overreacting", "how do I talk about it", "should I forgive them",
     "what do I do now", "should I ask for the money back", "is this normal", "how do I move on",
@@ -53,12 +64,8 @@ FILLER = [
 ]
 
 
-def _duration(n: int, unit: str) -> str:
-    return f"{n} {unit if n != 1 else unit[:-1]}"
-
-
-def _person(age: int, gender: str) -> str:
-    return f"({age}{gender})"
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,28 +79,24 @@ class TaskConfig:
     n_train: int = 8000          # SFT train posts
     n_validation: int = 400      # SFT validation posts (evaluation prompts)
     n_test: int = 400            # SFT test posts
-    n_comparison_posts_train: int = 1200   # posts in the human-comparisons train split (label.py's posts)
-    n_comparison_posts_validation: int = 400
-    comparisons_per_post: int = 2
-    min_distractors: int = 2     # distractor sentences per post (other people, events, numbers)
-    max_distractors: int = 4
+    n_comparison_posts_train: int = 3000   # posts in the human-comparisons train split (label.py's posts)
+    n_comparison_posts_validation: int = 800   # their validation split: the RMs' held-out human test set
+    comparisons_per_post: int = 1
+    min_distractors: int = 1     # distractor sentences per post (other people, events, places and times)
+    max_distractors: int = 3
     human_temperature: float = 0.15   # temperature of the simulated human raters' choice
-    p_omit_me: float = 0.4       # reference-summary writers: P(leave out "I am 24F.")
-    p_omit_other_age: float = 0.3   # P(leave out the other person's age)
-    p_omit_duration: float = 0.2    # P(leave out "of 3 years")
-    p_filler: float = 0.3           # P(add a filler sentence)
-    version: int = 1             # bump when the generator changes, so cached files are rebuilt
+    p_omit_setting: float = 0.55  # reference-summary writers: P(leave out where/when it happened)
+    p_omit_since: float = 0.55   # P(leave out "We have been close since ...")
+    p_filler: float = 0.55       # P(end with a filler sentence)
+    p_wrong_fact: float = 0.05   # human-comparison summaries: P(a key fact is wrong), per fact (the tiny SFT
+    #                              policy's samples at temperature 1 get about 5% of facts wrong)
+    p_cut: float = 0.08          # P(the summary is cut off)
+    version: int = 4             # bump when the generator changes, so cached files are rebuilt
 
 
 def sample_facts(rng: random.Random) -> dict:
-    relation = rng.choice(sorted(RELATIONS))
-    other_gender = RELATIONS[relation] or rng.choice("MF")
-    unit = rng.choice(["years", "months"])
-    return {
-        "poster_age": rng.randint(16, 45), "poster_gender": rng.choice("MF"),
-        "relation": relation, "other_age": rng.randint(16, 60), "other_gender": other_gender,
-        "duration": rng.randint(1, 11), "unit": unit, "event": rng.choice(EVENTS), "ask": rng.choice(ASKS),
-    }
+    return {"relation": rng.choice(sorted(RELATIONS)), "event": rng.choice(EVENTS), "setting": rng.choice(SETTINGS),
+            "since": rng.choice(SINCES), "ask": rng.choice(ASKS)}
 
 
 def gold_summary(facts: dict) -> str:
@@ -101,82 +104,70 @@ def gold_summary(facts: dict) -> str:
     return write_summary(facts)
 
 
-def write_summary(facts: dict, other_age: bool = True, duration: bool = True, me: bool = True,
-                  filler: str = "") -> str:
+def write_summary(facts: dict, setting: bool = True, since: bool = True, filler: str = "") -> str:
     """A summary in the task's TL;DR style, optionally leaving facts out or adding a filler sentence."""
     f = facts
-    text = (f"My {f['relation']}" + (f" {_person(f['other_age'], f['other_gender'])}" if other_age else "")
-            + (f" of {_duration(f['duration'], f['unit'])}" if duration else "") + f" {f['event']}.")
-    if me:
-        text += f" I am {f['poster_age']}{f['poster_gender']}."
-    text += f" {f['ask'][0].upper() + f['ask'][1:]}?"
+    text = f"My {f['relation']} {f['event']}" + (f" {f['setting']}" if setting else "") + "."
+    text += (f" We have been close {f['since']}." if since else "") + f" {_cap(f['ask'])}?"
     return text + (f" {filler}" if filler else "")
 
 
 def reference_summary(rng: random.Random, facts: dict, style: "TaskConfig") -> str:
     """The dataset's human-written TL;DR: like real ones, of varied quality.
 
-    Writers often leave out ages or the duration and sometimes add a filler sentence, so the references (which
-    SFT imitates) score below the gold summary, and a policy trained on preferences has room to beat them.
+    Most writers leave out where it happened and since when, and many end with a filler sentence, so the
+    references (which SFT imitates) score below the gold summary, and a policy trained on preferences has room to
+    beat them.
     """
-    filler = rng.choice(FILLER).capitalize() + "." if rng.random() < style.p_filler else ""
-    return write_summary(facts, other_age=rng.random() >= style.p_omit_other_age,
-                         duration=rng.random() >= style.p_omit_duration, me=rng.random() >= style.p_omit_me,
-                         filler=filler)
+    setting, since = rng.random() >= style.p_omit_setting, rng.random() >= style.p_omit_since
+    filler = _cap(rng.choice(FILLER)) + "." if rng.random() < style.p_filler else ""
+    return write_summary(facts, setting=setting, since=since, filler=filler)
 
 
 def _distractors(rng: random.Random, facts: dict, lo: int, hi: int) -> tuple[list[str], dict]:
-    """Sentences that mention other people, events and numbers, so copying the right ones takes reading."""
-    others = [r for r in RELATIONS if r != facts["relation"]]
-    used = {"relations": [], "events": [], "people": [], "durations": []}
-    makers = []
+    """Sentences about other people, events, places and times, so copying the right ones takes reading."""
+    other = lambda vocab, key: rng.choice([v for v in vocab if v != facts[key]])  # noqa: E731
+    used = {"relations": [], "events": [], "settings": [], "sinces": []}
 
     def person():
-        rel = rng.choice(others)
-        age, g = rng.randint(16, 70), RELATIONS[rel] or rng.choice("MF")
+        rel = other(RELATIONS, "relation")
         used["relations"].append(rel)
-        used["people"].append([age, g])
-        return rng.choice([f"My {rel} {_person(age, g)} says I should just wait.",
-                           f"I have not told my {rel} {_person(age, g)} about any of this yet."])
+        return rng.choice([f"My {rel}, who is {rng.randint(16, 70)}, says I should just wait.",
+                           f"I have not told my {rel} about any of this yet."])
 
     def event():
-        rel, ev = rng.choice(others), rng.choice([e for e in EVENTS if e != facts["event"]])
+        rel, ev, where = other(RELATIONS, "relation"), other(EVENTS, "event"), other(SETTINGS, "setting")
         used["relations"].append(rel)
         used["events"].append(ev)
-        return f"My {rel} once {ev}, but that was a different story."
+        used["settings"].append(where)
+        return f"My {rel} once {ev} {where}, but that was a different story."
 
-    def number():
-        n, unit = rng.randint(1, 11), rng.choice(["years", "months"])
-        used["durations"].append([n, unit])
-        return f"{_duration(n, unit)} ago I moved to {rng.choice(CITIES)} for work."
+    def place():
+        since = other(SINCES, "since")
+        used["sinces"].append(since)
+        return f"I have lived in {rng.choice(CITIES)} {since}."
 
-    makers += [person, event, number,
-               lambda: f"I work as a {rng.choice(JOBS)} so I am busy most days.",
-               lambda: f"We have a {rng.choice(PETS)} called {rng.choice(PET_NAMES)}.",
-               lambda: "It has been a long week and I can not sleep."]
-    k = rng.randint(lo, hi)
-    return [rng.choice(makers)() for _ in range(k)], used
+    makers = [person, event, place,
+              lambda: f"I work as a {rng.choice(JOBS)} so I am busy most days.",
+              lambda: f"We have a {rng.choice(PETS)} called {rng.choice(PET_NAMES)}.",
+              lambda: "It has been a long week and I can not sleep."]
+    return [rng.choice(makers)() for _ in range(rng.randint(lo, hi))], used
 
 
 def make_example(rng: random.Random, cfg: "TaskConfig") -> dict:
     """One post: facts -> intro, event and ask sentences with distractors between them."""
-    facts = sample_facts(rng)
-    f, me, them = facts, _person(facts["poster_age"], facts["poster_gender"]), \
-        _person(facts["other_age"], facts["other_gender"])
-    dur = _duration(f["duration"], f["unit"])
+    f = facts = sample_facts(rng)
     intro = rng.choice([
-        f"My {f['relation']} {them} and I {me} have known each other for {dur}.",
-        f"I {me} have been close with my {f['relation']} {them} for {dur} now.",
-        f"So I am {f['poster_age']}{f['poster_gender']} and my {f['relation']} is {f['other_age']}{f['other_gender']}, "
-        f"and we go back {dur}.",
+        f"My {f['relation']} and I have known each other {f['since']}.",
+        f"I have been close with my {f['relation']} {f['since']}.",
+        f"Some background: my {f['relation']} and I have been friends {f['since']}.",
     ])
     happened = rng.choice([
-        f"Last week I found out that my {f['relation']} {f['event']}.",
-        f"Yesterday my {f['relation']} {f['event']} and did not even say sorry.",
-        f"A few days ago my {f['relation']} {f['event']}.",
+        f"Last week {f['setting']} my {f['relation']} {f['event']}.",
+        f"Yesterday my {f['relation']} {f['event']} {f['setting']} and did not even say sorry.",
+        f"A few days ago, {f['setting']}, my {f['relation']} {f['event']}.",
     ])
-    ask = rng.choice([f"So Reddit, {f['ask']}?", f"{f['ask'][0].upper() + f['ask'][1:]}?",
-                      f"Honestly, {f['ask']}?"])
+    ask = rng.choice([f"So Reddit, {f['ask']}?", f"{_cap(f['ask'])}?", f"Honestly, {f['ask']}?"])
     distract, used = _distractors(rng, facts, cfg.min_distractors, cfg.max_distractors)
     # intro before the event, the ask last; distractors anywhere before the ask
     body = [intro, happened]
@@ -185,7 +176,7 @@ def make_example(rng: random.Random, cfg: "TaskConfig") -> dict:
     sentences = body + [ask]
     post = " ".join(sentences) if rng.random() < 0.5 else "\n".join(sentences)  # some posts have newlines
     title = rng.choice([f"My {f['relation']} {f['event']}", f"Need advice about my {f['relation']}",
-                        "Not sure what to do", f"{f['ask'][0].upper() + f['ask'][1:]}?"])
+                        "Not sure what to do", f"{_cap(f['ask'])}?"])
     facts["distractors"] = used
     return {"subreddit": rng.choice(SUBREDDITS), "title": title, "post": post,
             "summary": reference_summary(rng, facts, cfg), "facts": facts}
@@ -194,9 +185,7 @@ def make_example(rng: random.Random, cfg: "TaskConfig") -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # the rule judge
 
-_AGE = re.compile(r"(\d+)\s*([MF])\b")
-_DUR = re.compile(r"\b(\d+)\s+(year|month)s?\b", re.I)
-_N_FACTS = 6  # poster age+gender, other age+gender, relation, duration, event, ask
+KEY_FACTS = {"relation": RELATIONS, "event": EVENTS, "setting": SETTINGS, "since": SINCES, "ask": ASKS}
 
 
 def _found(text: str, phrases) -> set[str]:
@@ -207,26 +196,18 @@ def _found(text: str, phrases) -> set[str]:
 def score(example, summary: str, length_slack: int = 2, length_penalty: float = 0.05) -> float:
     """Rule-judge score of `summary` for `example` (a Post or dict with `facts`): gold scores 1.0.
 
-    (#correct key facts - #wrong or invented facts) / 6, minus `length_penalty` per word beyond the gold
+    (#correct key facts - #wrong or invented facts) / 5, minus `length_penalty` per word beyond the gold
     summary's length + `length_slack`. A fact stated twice counts once; every distinct wrong value counts.
     """
-    facts = example["facts"] if isinstance(example, dict) else example.facts
-    f = facts
+    f = example["facts"] if isinstance(example, dict) else example.facts
     correct = wrong = 0
-    ages = {(int(a), g) for a, g in _AGE.findall(summary)}
-    for person in [(f["poster_age"], f["poster_gender"]), (f["other_age"], f["other_gender"])]:
-        correct += person in ages
-    wrong += len(ages - {(f["poster_age"], f["poster_gender"]), (f["other_age"], f["other_gender"])})
-    durations = {(int(n), u.lower()) for n, u in _DUR.findall(summary)}
-    correct += (f["duration"], f["unit"][:-1]) in durations
-    wrong += len(durations - {(f["duration"], f["unit"][:-1])})
-    for key, vocab in (("relation", RELATIONS), ("event", EVENTS), ("ask", ASKS)):
+    for key, vocab in KEY_FACTS.items():
         hits = _found(summary, vocab)
         correct += f[key] in hits
         wrong += len(hits - {f[key]})
     n_words, n_gold = len(summary.split()), len(gold_summary(f).split())
     penalty = length_penalty * max(0, n_words - n_gold - length_slack)
-    return (correct - wrong) / _N_FACTS - penalty
+    return (correct - wrong) / len(KEY_FACTS) - penalty
 
 
 @dataclass
@@ -252,42 +233,34 @@ class RuleJudge:
 # summaries of varied quality, for the simulated human comparisons
 
 
-def corrupt(rng: random.Random, facts: dict, style: "TaskConfig") -> tuple[str, str]:
-    """A summary a writer or a model might produce: a reference-style draw with 0-3 errors.
+def policy_sample(rng: random.Random, facts: dict, style: "TaskConfig") -> tuple[str, str]:
+    """A summary like the ones a policy writes: reference style, sometimes a wrong fact or a cut-off end.
 
-    Errors are the ones small models make: a wrong value copied from a distractor sentence (or made up), or a
-    summary cut short. Returns (text, a name of the edits) for the comparisons' `policy` field.
+    The real human comparisons compare samples of the policies OpenAI trained, so ours compare summaries with the
+    errors such models make: each key fact is, with probability `style.p_wrong_fact`, one copied from a distractor
+    sentence (or made up), and with probability `style.p_cut` the summary stops early. Returns (text, the edits).
     """
     f = {k: v for k, v in facts.items() if k != "distractors"}
-    d = facts["distractors"]
-    ops = rng.sample(["wrong_age", "wrong_my_age", "wrong_rel", "wrong_event", "wrong_dur", "cut"],
-                     k=rng.choice([0, 1, 1, 2, 2, 3]))
-    if "wrong_age" in ops:
-        f["other_age"], f["other_gender"] = rng.choice(d["people"]) if d["people"] else \
-            (rng.randint(16, 70), rng.choice("MF"))
-    if "wrong_my_age" in ops:
-        f["poster_age"] = rng.choice([a for a in range(16, 46) if a != f["poster_age"]])
-    if "wrong_rel" in ops:
-        f["relation"] = rng.choice(d["relations"] or [r for r in RELATIONS if r != f["relation"]])
-    if "wrong_event" in ops:
-        f["event"] = rng.choice(d["events"] or [e for e in EVENTS if e != f["event"]])
-    if "wrong_dur" in ops:
-        f["duration"], f["unit"] = rng.choice(d["durations"]) if d["durations"] else \
-            (rng.choice([n for n in range(1, 12) if n != f["duration"]]), f["unit"])
+    d, edits = facts["distractors"], []
+    for key, vocab in KEY_FACTS.items():
+        if rng.random() < style.p_wrong_fact:  # a value from a distractor sentence when there is one, else any
+            f[key] = rng.choice(d.get(key + "s") or [v for v in vocab if v != f[key]])
+            edits.append(f"wrong_{key}")
     text = reference_summary(rng, f, style)
-    if "cut" in ops:
+    if rng.random() < style.p_cut:
         words = text.split()
         text = " ".join(words[: rng.randint(3, len(words) - 2)])
-    return text, "+".join(sorted(ops)) or "reference"
+        edits.append("cut")
+    return text, "+".join(edits) or "reference"
 
 
 def make_comparisons(rng: random.Random, example: dict, split: str, post_id: str, cfg: "TaskConfig") -> list[dict]:
     """`n` human comparisons of one post in the openai/summarize_from_feedback `comparisons` schema."""
     rows = []
     for _ in range(cfg.comparisons_per_post):
-        (s0, pol0), (s1, pol1) = corrupt(rng, example["facts"], cfg), corrupt(rng, example["facts"], cfg)
+        (s0, pol0), (s1, pol1) = policy_sample(rng, example["facts"], cfg), policy_sample(rng, example["facts"], cfg)
         while s1 == s0:
-            s1, pol1 = corrupt(rng, example["facts"], cfg)
+            s1, pol1 = policy_sample(rng, example["facts"], cfg)
         p0 = RuleJudge(temperature=cfg.human_temperature).prob_first(example, s0, s1)
         choice = 0 if rng.random() < p0 else 1  # raters are noisy: they follow the judge's probability
         p_chosen = p0 if choice == 0 else 1 - p0

@@ -62,8 +62,8 @@ def write_labels(labels_dir, data_dir):
     posts, _ = load_posts(data_dir / "comparisons", "train")
     rows = []
     for p in posts:
-        a, _ = synthetic.corrupt(rng, p.facts, style)
-        b, _ = synthetic.corrupt(rng, p.facts, style)
+        a, _ = synthetic.policy_sample(rng, p.facts, style)
+        b, _ = synthetic.policy_sample(rng, p.facts, style)
         p_ab, p_ba = judge.prob_first(p, a, b), 1 - judge.prob_first(p, b, a)
         rows.append({"id": p.id, "subreddit": p.subreddit, "title": p.title, "post": p.post, "summary_a": a,
                      "summary_b": b, "p_a_ab": p_ab, "p_a_ba": p_ba, "p_a": (p_ab + p_ba) / 2, "null_reason": None})
@@ -173,7 +173,7 @@ def test_the_rule_labeler_with_a_position_bias_keeps_gold_outcomes(env):
     for p, g in zip(posts, gold):
         w = g
         while synthetic.score(p, w) >= synthetic.score(p, g) - 0.15:
-            w, _ = synthetic.corrupt(rng, p.facts, style)
+            w, _ = synthetic.policy_sample(rng, p.facts, style)
         worse.append(w)
     biased = judges.RuleLabeler(temperature=0.1, position_bias=1.0)
     rows = evaluate.judge_comparison(lambda: biased, posts, gold, worse, cfg_for())

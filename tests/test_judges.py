@@ -253,7 +253,7 @@ def synthetic_pairs(n, seed=0):
     items = []
     for i in range(n):
         ex = synthetic.make_example(rng, tc)
-        a, b = synthetic.corrupt(rng, ex["facts"], tc)[0], synthetic.corrupt(rng, ex["facts"], tc)[0]
+        a, b = synthetic.policy_sample(rng, ex["facts"], tc)[0], synthetic.policy_sample(rng, ex["facts"], tc)[0]
         items.append({"id": f"s{i}", **ex, "summary_a": a, "summary_b": b})
     return items
 

@@ -39,8 +39,8 @@ def write_ai_pairs(path, data_dir, tok, seed=0):
     posts, _ = load_posts(data_dir / "comparisons", "train")
     with open(path, "w") as fh:
         for i, p in enumerate(posts):
-            a, _ = synthetic.corrupt(rng, p.facts, style)
-            b, _ = synthetic.corrupt(rng, p.facts, style)
+            a, _ = synthetic.policy_sample(rng, p.facts, style)
+            b, _ = synthetic.policy_sample(rng, p.facts, style)
             p_ab, p_ba = judge.prob_first(p, a, b), 1 - judge.prob_first(p, b, a)
             row = {"id": p.id, "query": "", "subreddit": p.subreddit, "title": p.title, "post": p.post,
                    "summary_a": a, "summary_b": b, "tokens_a": None, "tokens_b": None,
