@@ -49,7 +49,7 @@ from tqdm import tqdm
 from minirlaif.data import load_posts
 from minirlaif.losses import bradley_terry_loss
 from minirlaif.models import disable_dropout, fold_reward_offset, load_scalar_model, load_tokenizer
-from minirlaif.reward import (HUMAN_CONFIDENCE, Encoder, SequenceRewards, evaluate_pairs, load_ai_pairs,
+from minirlaif.reward import (HUMAN_CONFIDENCE, Encoder, PairRewards, evaluate_pairs, load_ai_pairs,
                               load_human_pairs, mean_reference_reward, padding_invariance, pair_batch, pair_metrics,
                               score_pairs, split_by_id, training_labels)
 from minirlaif.utils import (MetricLogger, all_reduce, autocast, batch_indices, cleanup_dist, clear_checkpoint,
@@ -105,9 +105,9 @@ class Config:
     """pairs per forward pass on one rank (two sequences each)"""
     max_steps: int = -1
     """optimizer steps; -1: `epochs` epochs"""
-    epochs: int = 2
+    epochs: int = 3
     """epochs when max_steps is -1"""
-    lr: float = 1e-3
+    lr: float = 2e-4
     """peak learning rate"""
     warmup_steps: int = 5
     """linear warmup from 0"""
@@ -151,12 +151,12 @@ PRESETS = {
 # helpers
 
 
-def pair_loss(rewards_fn, ids, mask, prob_a, center_coef: float = 0.0):
-    """(loss, r_a, r_b) of a pair batch from `reward.pair_batch` (rows: all a's, then all b's).
+def pair_loss(rewards_fn, q_ids, q_mask, s_ids, s_mask, prob_a, center_coef: float = 0.0):
+    """(loss, r_a, r_b) of a pair batch from `reward.pair_batch`, scored by a `reward.PairRewards`.
 
     loss = bradley_terry_loss(r_a, r_b, prob_a) + center_coef * mean((r_a + r_b)^2), a mean over this batch's pairs.
     """
-    r_a, r_b = rewards_fn(ids, mask).chunk(2)  # (B,), (B,)
+    r_a, r_b = rewards_fn(q_ids, q_mask, s_ids, s_mask)  # (B,), (B,)
     loss = bradley_terry_loss(r_a, r_b, prob_a)
     if center_coef:
         loss = loss + center_coef * ((r_a + r_b) ** 2).mean()
@@ -250,7 +250,7 @@ def main(cfg: Config) -> dict:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * (len(train) // cfg.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.95), fused=device.type == "cuda")
-    rewards_fn = SequenceRewards(model)  # forward = models.sequence_rewards, so DDP can wrap it
+    rewards_fn = PairRewards(model)  # each query encoded once for its two summaries; a module, so DDP can wrap it
     ddp_rewards = torch.nn.parallel.DistributedDataParallel(rewards_fn) if dist.ddp else rewards_fn
 
     # resume: model, optimizer, step (which fixes the data position), best validation so far, RNG
@@ -283,11 +283,11 @@ def main(cfg: Config) -> dict:
         micro = [mine[i: i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
         sums = torch.zeros(4, device=device)  # loss, correct, decided pairs, reward sum
         for k, pairs in enumerate(micro):
-            ids, mask, prob_a = (t.to(device) for t in pair_batch(pairs, pad_id))
+            *inputs, prob_a = (t.to(device) for t in pair_batch(pairs, pad_id))
             sync = k == len(micro) - 1  # DDP all-reduces gradients only on the last micro-batch
             ctx = ddp_rewards.no_sync() if dist.ddp and not sync else torch.enable_grad()
             with ctx, autocast(device, cfg.bf16):
-                loss, r_a, r_b = pair_loss(ddp_rewards, ids, mask, prob_a, cfg.center_coef)
+                loss, r_a, r_b = pair_loss(ddp_rewards, *inputs, prob_a, cfg.center_coef)
                 # a mean over this micro-batch -> its share of the mean over the global batch
                 loss = loss * len(pairs) / cfg.batch_size
                 (loss * dist.world_size).backward()  # DDP averages over ranks; undo it to get the global sum

@@ -166,6 +166,27 @@ def sequence_rewards(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) ->
     return head(model)(last).squeeze(-1).float()
 
 
+def shared_prefix_rewards(model: nn.Module, q_ids: torch.Tensor, q_mask: torch.Tensor, s_ids: torch.Tensor,
+                          s_mask: torch.Tensor) -> torch.Tensor:
+    """Rewards of query_i + summary_j for k summaries per query, with each query encoded once. (B * k,)
+
+    q_ids/q_mask (B, Tq) hold the queries, right-padded; s_ids/s_mask (B * k, Ts) the summaries, right-padded, the
+    k of query i in rows i*k .. i*k+k-1. Equal to `sequence_rewards` on the concatenated sequences (the pads between
+    a query and its summary are masked out and the summary's positions continue the query's), at a fraction of the
+    cost when queries are longer than summaries: the reward model's training pairs share their query.
+    """
+    from transformers import DynamicCache
+
+    k = s_ids.shape[0] // q_ids.shape[0]
+    _, cache = hidden_states(model, q_ids, q_mask, cache=DynamicCache())  # the queries' keys and values
+    cache.batch_repeat_interleave(k)  # one copy per summary; differentiable, so gradients reach the query tokens
+    q_mask = q_mask.repeat_interleave(k, dim=0)  # (B*k, Tq)
+    positions = q_mask.sum(-1, keepdim=True) + position_ids(s_mask)  # (B*k, Ts), continuing each query
+    hidden, _ = hidden_states(model, s_ids, torch.cat([q_mask, s_mask], dim=1), cache=cache, positions=positions)
+    last = hidden[torch.arange(s_ids.shape[0], device=s_ids.device), last_index(s_mask)]  # (B*k, H)
+    return head(model)(last).squeeze(-1).float()
+
+
 @torch.no_grad()
 def fold_reward_offset(model: nn.Module, offset: float) -> None:
     """Make every reward `offset` lower by editing the weights, so any loader (transformers, vLLM) applies it.

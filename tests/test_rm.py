@@ -19,7 +19,7 @@ from minirlaif import reward, synthetic
 from minirlaif.data import load_posts
 from minirlaif.losses import bradley_terry_loss
 from minirlaif.models import last_index, pad_batch, sequence_rewards, tiny_gpt2_config, train_bpe_tokenizer
-from minirlaif.reward import Encoder, Pair, SequenceRewards
+from minirlaif.reward import Encoder, Pair, PairRewards
 from minirlaif.utils import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,7 +112,7 @@ def test_soft_and_hard_losses_equal_the_math_core_on_independent_rewards(env, ti
     r_b = torch.stack([alone(tiny_rm, p.query + p.b) for p in pairs])
     prob = torch.tensor([p.prob_a for p in pairs])
     with torch.no_grad():
-        soft, got_a, got_b = train_rm.pair_loss(SequenceRewards(tiny_rm), *reward.pair_batch(pairs, tok.pad_token_id))
+        soft, got_a, got_b = train_rm.pair_loss(PairRewards(tiny_rm), *reward.pair_batch(pairs, tok.pad_token_id))
     torch.testing.assert_close(torch.stack([got_a, got_b]), torch.stack([r_a, r_b]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(soft, bradley_terry_loss(r_a, r_b, prob), atol=1e-6, rtol=1e-5)
     want = -(prob * torch.sigmoid(r_a - r_b).log() + (1 - prob) * torch.sigmoid(r_b - r_a).log()).mean()
@@ -121,15 +121,39 @@ def test_soft_and_hard_losses_equal_the_math_core_on_independent_rewards(env, ti
     hard, stats = reward.training_labels(pairs, "hard")
     assert [p.id for p in hard] == ["p1", "p2", "p4"] and stats["n_label_ties"] == 1
     with torch.no_grad():
-        got, _, _ = train_rm.pair_loss(SequenceRewards(tiny_rm), *reward.pair_batch(hard, tok.pad_token_id))
+        got, _, _ = train_rm.pair_loss(PairRewards(tiny_rm), *reward.pair_batch(hard, tok.pad_token_id))
     keep = [0, 1, 3]
     chosen = torch.where(prob[keep] > 0.5, r_a[keep], r_b[keep])
     rejected = torch.where(prob[keep] > 0.5, r_b[keep], r_a[keep])
     torch.testing.assert_close(got, bradley_terry_loss(chosen, rejected), atol=1e-6, rtol=1e-5)
     # reward centering adds coef * mean((r_a + r_b)^2)
     with torch.no_grad():
-        centered, _, _ = train_rm.pair_loss(SequenceRewards(tiny_rm), *reward.pair_batch(pairs, tok.pad_token_id), 0.1)
+        centered, _, _ = train_rm.pair_loss(PairRewards(tiny_rm), *reward.pair_batch(pairs, tok.pad_token_id), 0.1)
     torch.testing.assert_close(centered, soft + 0.1 * ((r_a + r_b) ** 2).mean(), atol=1e-6, rtol=1e-5)
+
+
+def test_shared_prefix_rewards_and_gradients_equal_separate_sequences(env, tiny_rm):
+    """PairRewards encodes each query once: same rewards and same parameter gradients as scoring every
+    query + summary as its own padded sequence (queries and summaries of different lengths)."""
+    _, tok = env
+    pairs = hand_pairs(tok)
+    pairs[1].query = pairs[1].query[:-3]  # ragged queries, so a query's padding sits before its summaries
+    prob = torch.tensor([p.prob_a for p in pairs])
+
+    def grads_of(loss):
+        tiny_rm.zero_grad()
+        loss.backward()
+        return [q.grad.clone() for q in tiny_rm.parameters()]
+
+    r_a, r_b = PairRewards(tiny_rm)(*reward.pair_batch(pairs, tok.pad_token_id)[:4])
+    shared = grads_of(bradley_terry_loss(r_a, r_b, prob))
+    ids, mask = pad_batch([p.query + p.a for p in pairs] + [p.query + p.b for p in pairs], tok.pad_token_id)
+    want_a, want_b = sequence_rewards(tiny_rm, ids, mask).chunk(2)
+    separate = grads_of(bradley_terry_loss(want_a, want_b, prob))
+    torch.testing.assert_close(torch.stack([r_a, r_b]), torch.stack([want_a, want_b]), atol=1e-5, rtol=1e-5)
+    for got, want in zip(shared, separate):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in shared[:2])  # the embeddings get gradient through the shared cache
 
 
 def test_reward_is_read_at_the_eos_under_left_and_right_padding(env, tiny_rm):
