@@ -75,7 +75,7 @@ class Config:
     """split of the dataset to draw queries from"""
     max_query_tokens: int = 200
     """queries longer than this are cut at the post's last newline"""
-    total_episodes: int = 2048
+    total_episodes: int = 1024
     """queries (episodes) to train on"""
     batch_size: int = 64
     """episodes per update, over all ranks"""
