@@ -165,7 +165,7 @@ def candidate_row(post, query: str, truncated: bool, a: dict, b: dict) -> dict:
 
 def sample_candidates(cfg: Config, posts, have: set, path: Path) -> None:
     """Two samples per post missing from `path`, appended chunk by chunk (hf) or after one vLLM call."""
-    from minirlaif.generation import generate_texts, vllm_generate
+    from minirlaif.generation import generate_texts, row_seeds, vllm_generate
     from minirlaif.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.sft_path)
@@ -173,14 +173,17 @@ def sample_candidates(cfg: Config, posts, have: set, path: Path) -> None:
     todo = [(k, chunk) for k, chunk in enumerate(chunks) if any(p.id not in have for p in chunk)]
     greedy = cfg.temperature == 0
     if cfg.backend == "vllm":
-        # one call for every missing post (vLLM seeds each request, so a post's samples do not depend on the
-        # batch); a kill during it loses the whole call
+        # one call for every missing post; each request's seed is fixed by the post's place in `posts`, so its
+        # samples depend neither on the batch nor on what a killed run had finished; a kill loses the whole call
+        place = {p.id: i for i, p in enumerate(posts)}
         missing = [p for _, chunk in todo for p in chunk if p.id not in have]
+        seeds = row_seeds(cfg.seed, n=len(posts))
         built = [build_query(tokenizer, p, cfg.max_query_tokens) for p in missing]
         outs = vllm_generate(cfg.sft_path, [q[1] for q in built], n=2, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, seed=cfg.seed,
                              tensor_parallel_size=cfg.tensor_parallel_size,
-                             gpu_memory_utilization=cfg.gpu_memory_utilization)
+                             gpu_memory_utilization=cfg.gpu_memory_utilization,
+                             seeds=[seeds[place[p.id]] for p in missing])
         rows = [candidate_row(p, q[0], q[2], o[0], o[1]) for p, q, o in zip(missing, built, outs)]
         for i in range(0, len(rows), cfg.gen_chunk):
             append_jsonl(path, rows[i:i + cfg.gen_chunk])

@@ -119,12 +119,15 @@ def decode_summary(tokenizer, token_ids: list[int]) -> str:
 
 
 def vllm_generate(model_path: str, queries: list[list[int]], n: int, max_new_tokens: int, temperature: float,
-                  seed: int, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.8) -> list[list[dict]]:
+                  seed: int, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.8,
+                  seeds: list[int] | None = None) -> list[list[dict]]:
     """vLLM sampling from token ids (no re-tokenisation), `n` samples per query, seeded; greedy at temperature 0.
 
     Query i samples with its own seed row_seeds(seed)[i], as in generate_texts, so its samples do not depend on
     the other queries of the call or on how vLLM schedules them. (vLLM's V1 engine seeds the k-th of a request's n
     samples with seed + k: well-mixed row seeds keep those apart from the next query's, which seed + i would not.)
+    `seeds` overrides the per-query seeds (e.g. seeds fixed by each query's place in the whole dataset, so a resumed
+    run that passes only the missing queries draws what the first run would have).
     """
     from vllm import LLM, SamplingParams  # optional dependency
 
@@ -133,7 +136,7 @@ def vllm_generate(model_path: str, queries: list[list[int]], n: int, max_new_tok
     tok = llm.get_tokenizer()
     params = [SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=s,
                              stop_token_ids=[tok.eos_token_id], skip_special_tokens=False)
-              for s in row_seeds(seed, n=len(queries))]
+              for s in (seeds if seeds is not None else row_seeds(seed, n=len(queries)))]
     prompts = [{"prompt_token_ids": q} for q in queries]
     results = llm.generate(prompts, params)
     return [[{"text": decode_summary(tok, list(o.token_ids)), "token_ids": list(o.token_ids)}

@@ -42,3 +42,6 @@ def test_vllm_generate_seeds_each_query_like_generate_texts(monkeypatch):
     # a query's seed depends on its index and `seed` only, not on the other queries of the call
     vllm_generate("m", [[1], [2], [3]], n=1, max_new_tokens=4, temperature=1.0, seed=3)
     assert [p.seed for p in FakeLLM.params][:2] == seeds
+    # explicit seeds (label.py: fixed by each post's place in the dataset, so a resumed call repeats them)
+    vllm_generate("m", [[1], [2]], n=1, max_new_tokens=4, temperature=1.0, seed=3, seeds=[11, 42])
+    assert [p.seed for p in FakeLLM.params] == [11, 42]
