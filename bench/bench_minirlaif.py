@@ -1,0 +1,109 @@
+"""Speed of minirlaif's train_ppo.py on the tiny random models of make_models.py (the other side of bench_trl.py).
+
+    python bench/make_models.py                      # once (either venv)
+    python bench/bench_minirlaif.py [--warmup 3 --timed 5 --threads 2]
+
+It runs the real `train_ppo.main` with the benchmark's settings (64 episodes per update, 1 mini-batch, 4 epochs,
+micro-batches of 16, 53-token responses at temperature 0.7, lr 1e-5). Two things are swapped in, and nothing
+else: the query list comes from bench/_models/prompts.jsonl as token ids (the prompts are 80 random pseudo-words,
+not TL;DR posts, so train_ppo's data loader is bypassed), and the sft/rm directories are assembled from the
+benchmark's policy, reward model and tokenizer by symlinks. train_ppo logs time/rollout_s and time/update_s for
+every update; the timed updates' means go to bench/_out/minirlaif.json, with the generation share of the rollout
+measured by wrapping the sampler.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import train_ppo  # noqa: E402
+from minirlaif.data import Post  # noqa: E402
+from minirlaif.utils import package_versions, parse_config  # noqa: E402
+
+
+def assemble(models: Path, work: Path) -> tuple[Path, Path]:
+    """sft/ = policy weights + tokenizer, rm/ = reward weights + tokenizer (symlinks, nothing copied)."""
+    for name, src in (("sft", "policy"), ("rm", "reward")):
+        (work / name).mkdir()
+        for d in (models / src, models / "tokenizer"):
+            for f in d.iterdir():
+                (work / name / f.name).symlink_to(f.resolve())
+    return work / "sft", work / "rm"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=str(HERE / "_models"))
+    ap.add_argument("--out", default=str(HERE / "_out" / "minirlaif.json"))
+    ap.add_argument("--warmup", type=int, default=3, help="updates run first and not timed")
+    ap.add_argument("--timed", type=int, default=5, help="updates timed")
+    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    models = Path(args.models)
+    prompts = [json.loads(line) for line in (models / "prompts.jsonl").read_text().splitlines()]
+    posts = [Post(id=str(i), subreddit="", title="", post=p["text"]) for i, p in enumerate(prompts)]
+    ids = {p["text"]: p["input_ids"] for p in prompts}
+    # the two swaps described above: queries are the benchmark's token ids
+    train_ppo.load_posts = lambda *a, **k: (posts, None)
+    train_ppo.build_query = lambda tok, post, max_tokens: (post.post, ids[post.post], False)
+    gen_time = [0.0]
+    sampler = train_ppo.generate
+
+    def timed_generate(*a, **k):
+        t = time.perf_counter()
+        try:
+            return sampler(*a, **k)
+        finally:
+            gen_time[0] += time.perf_counter() - t
+
+    train_ppo.generate = timed_generate
+
+    work = Path(tempfile.mkdtemp())
+    sft, rm = assemble(models, work)
+    n_updates = args.warmup + args.timed
+    cfg = parse_config(train_ppo.Config, train_ppo.PRESETS, [
+        "--task-dir", "", "--sft-path", str(sft), "--rm-path", str(rm), "--dataset", "bench", "--out-dir",
+        str(work / "ppo"), "--total-episodes", str(64 * n_updates), "--batch-size", "64", "--mini-batches", "1",
+        "--micro-batch-size", str(args.micro_batch), "--ppo-epochs", "4", "--response-length", "53",
+        "--temperature", "0.7", "--kl-coef", "0.05", "--lr", "1e-5", "--missing-eos-penalty", "1.0",
+        "--sample-every", "1000000", "--checkpoint-every", "1000000", "--max-query-tokens", "80"])
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    train_ppo.main(cfg)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    rows = [json.loads(line) for line in (work / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    timed = rows[args.warmup:]
+    mean = lambda k: sum(r[k] for r in timed) / len(timed)  # noqa: E731
+    s_per_update = mean("time/rollout_s") + mean("time/update_s")
+    result = {
+        "side": "minirlaif", "episodes_per_s": round(64 / s_per_update, 3), "s_per_update": round(s_per_update, 4),
+        "rollout_s": round(mean("time/rollout_s"), 4), "update_s": round(mean("time/update_s"), 4),
+        "generate_s_all_updates_mean": round(gen_time[0] / len(rows), 4),
+        "n_updates_timed": len(timed), "n_updates_warmup": args.warmup,
+        "mean_response_len": mean("rollout/response_len"),
+        "process_cpu_per_wall_whole_run": round(cpu / wall, 2),
+        "quiet_run": cpu / wall >= 0.9 * min(args.threads, len(os.sched_getaffinity(0))),
+        "per_update": [{k: r[k] for k in ("step", "time/rollout_s", "time/update_s", "eps")} for r in rows],
+        "settings": {"episodes_per_update": 64, "mini_batches": 1, "ppo_epochs": 4, "micro_batch": args.micro_batch,
+                     "response_length": 53, "prompt_len": len(prompts[0]["input_ids"]), "temperature": 0.7,
+                     "threads": args.threads, "loadavg_1m_after": round(os.getloadavg()[0], 2)},
+        "versions": {**package_versions(), "platform": platform.platform()},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"minirlaif: {result['episodes_per_s']} episodes/s, {s_per_update:.3f} s/update "
+          f"(rollout {result['rollout_s']:.3f} s, update {result['update_s']:.3f} s); quiet={result['quiet_run']}")
+
+
+if __name__ == "__main__":
+    main()
