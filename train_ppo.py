@@ -94,7 +94,7 @@ class Config:
     kl_coef: float = 0.05
     """initial KL coefficient (beta)"""
     kl_estimator: str = "k1"
-    """per-token KL estimator in the reward: k1 (logp - ref) or k3"""
+    """per-token KL estimator in the reward: k1 (logp - ref), k2 ((logp - ref)^2 / 2) or k3"""
     kl_target: float = 0.0
     """target KL for the adaptive controller; 0: fixed kl_coef"""
     kl_horizon: int = 10000
@@ -274,6 +274,7 @@ def main(cfg: Config) -> dict:
     assert local_mini % cfg.micro_batch_size == 0, "each mini-batch must split into micro-batches"
     num_updates = cfg.total_episodes // cfg.batch_size
     assert num_updates > 0, "total_episodes must be at least one batch"
+    assert cfg.kl_estimator in ("k1", "k2", "k3"), f"--kl-estimator must be k1, k2 or k3, not {cfg.kl_estimator!r}"
 
     # data: queries (and the reference summaries, for the samples table)
     if cfg.task_dir and master:
