@@ -79,7 +79,7 @@ class Config:
     """optimizer steps; -1: `epochs` epochs"""
     epochs: int = 1
     """epochs when max_steps is -1"""
-    lr: float = 2e-3
+    lr: float = 3e-3
     """peak learning rate"""
     warmup_steps: int = 20
     """linear warmup from 0"""
