@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minirlaif.models import head, hidden_states, pad_batch
+from minirlaif.models import head, hidden_states, new_cache, pad_batch
 
 
 @dataclass
@@ -45,7 +45,7 @@ def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_t
     if not greedy:
         assert seeds is not None and len(seeds) == B, "sampling needs one seed per row"
         gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    cache = _new_cache(model)
+    cache = new_cache(model)
     mask = query_mask
     positions = mask.long().cumsum(-1) - 1
     hidden, cache = hidden_states(model, query_ids, mask, cache=cache, positions=positions.clamp(min=0))
@@ -73,15 +73,6 @@ def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_t
         next_pos = next_pos + 1
     return Generation(tokens=torch.stack(tokens, dim=1), mask=torch.stack(valid, dim=1).long(),
                       logprobs=torch.stack(logprobs, dim=1))
-
-
-def _new_cache(model):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older transformers
-        return DynamicCache()
 
 
 def generate_texts(model, tokenizer, queries: list[list[int]], max_new_tokens: int, batch_size: int,

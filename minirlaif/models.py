@@ -131,6 +131,16 @@ def _cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def new_cache(model: nn.Module):
+    """An empty KV cache for `hidden_states` (transformers' DynamicCache)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
 def hidden_states(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache=None, positions=None):
     """Last hidden states of the backbone (no output head), and the KV cache when one is passed in.
 
@@ -175,10 +185,8 @@ def shared_prefix_rewards(model: nn.Module, q_ids: torch.Tensor, q_mask: torch.T
     a query and its summary are masked out and the summary's positions continue the query's), at a fraction of the
     cost when queries are longer than summaries: the reward model's training pairs share their query.
     """
-    from transformers import DynamicCache
-
     k = s_ids.shape[0] // q_ids.shape[0]
-    _, cache = hidden_states(model, q_ids, q_mask, cache=DynamicCache())  # the queries' keys and values
+    _, cache = hidden_states(model, q_ids, q_mask, cache=new_cache(model))  # the queries' keys and values
     cache.batch_repeat_interleave(k)  # one copy per summary; differentiable, so gradients reach the query tokens
     q_mask = q_mask.repeat_interleave(k, dim=0)  # (B*k, Tq)
     positions = q_mask.sum(-1, keepdim=True) + position_ids(s_mask)  # (B*k, Ts), continuing each query

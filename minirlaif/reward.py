@@ -209,7 +209,7 @@ class PairRewards(nn.Module):
     """nn.Module whose forward gives (r_a, r_b) of a `pair_batch`, so DDP can wrap the reward computation.
 
     Each pair's query is encoded once and shared by its two summaries (`models.shared_prefix_rewards`): the same
-    rewards as scoring query + a and query + b separately, with about 40% less compute on the tiny task.
+    rewards as scoring query + a and query + b separately, with about half the compute on the tiny task.
     """
 
     def __init__(self, model: nn.Module):

@@ -91,7 +91,7 @@ class TaskConfig:
     p_wrong_fact: float = 0.05   # human-comparison summaries: P(a key fact is wrong), per fact (the tiny SFT
     #                              policy's samples at temperature 1 get about 5% of facts wrong)
     p_cut: float = 0.08          # P(the summary is cut off)
-    version: int = 4             # bump when the generator changes, so cached files are rebuilt
+    version: int = 5             # bump when the generator changes, so cached files are rebuilt
 
 
 def sample_facts(rng: random.Random) -> dict:
@@ -251,6 +251,8 @@ def policy_sample(rng: random.Random, facts: dict, style: "TaskConfig") -> tuple
         words = text.split()
         text = " ".join(words[: rng.randint(3, len(words) - 2)])
         edits.append("cut")
+    # a wrong value the writer left out (or the cut removed) is no error in the text: name only what it shows
+    edits = [e for e in edits if e == "cut" or _found(text, [f[e[len("wrong_"):]]])]
     return text, "+".join(edits) or "reference"
 
 
@@ -259,8 +261,13 @@ def make_comparisons(rng: random.Random, example: dict, split: str, post_id: str
     rows = []
     for _ in range(cfg.comparisons_per_post):
         (s0, pol0), (s1, pol1) = policy_sample(rng, example["facts"], cfg), policy_sample(rng, example["facts"], cfg)
-        while s1 == s0:
+        for _ in range(100):  # a second, different summary (bounded: some configs allow only one text)
+            if s1 != s0:
+                break
             s1, pol1 = policy_sample(rng, example["facts"], cfg)
+        else:
+            raise ValueError("policy_sample gives only one summary for this config; raise p_wrong_fact, p_cut, "
+                             "p_filler or move p_omit_* away from 0 and 1")
         p0 = RuleJudge(temperature=cfg.human_temperature).prob_first(example, s0, s1)
         choice = 0 if rng.random() < p0 else 1  # raters are noisy: they follow the judge's probability
         p_chosen = p0 if choice == 0 else 1 - p0

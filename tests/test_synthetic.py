@@ -100,13 +100,16 @@ def reference_variants(facts):
 
 
 def test_policy_sample_edits():
-    rng = random.Random(0)
+    rng, left_out = random.Random(0), 0
     for _ in range(20):
         text, edits = synthetic.policy_sample(rng, FACTS, replace(SMALL, p_wrong_fact=0.0, p_cut=0.0))
         assert edits == "reference" and text in reference_variants(FACTS)
         assert all(synthetic._found(text, vocab) <= {FACTS[k]} for k, vocab in synthetic.KEY_FACTS.items())
         text, edits = synthetic.policy_sample(rng, FACTS, replace(SMALL, p_wrong_fact=1.0, p_cut=0.0))
-        assert edits == "wrong_relation+wrong_event+wrong_setting+wrong_since+wrong_ask"
+        # every fact is wrong, but only the wrong values the text states are named (setting and since may be left out)
+        stated = [k for k, vocab in synthetic.KEY_FACTS.items() if synthetic._found(text, vocab)]
+        assert edits == "+".join(f"wrong_{k}" for k in stated) and {"relation", "event", "ask"} <= set(stated)
+        left_out += len(stated) < 5
         for key, vocab in synthetic.KEY_FACTS.items():
             found = synthetic._found(text, vocab)
             assert FACTS[key] not in found and len(found) <= 1
@@ -117,6 +120,14 @@ def test_policy_sample_edits():
         text, edits = synthetic.policy_sample(rng, FACTS, replace(SMALL, p_wrong_fact=0.0, p_cut=1.0))
         words, full = text.split(), [v.split() for v in reference_variants(FACTS)]  # a prefix, 2+ words short
         assert edits == "cut" and any(3 <= len(words) <= len(w) - 2 and w[:len(words)] == words for w in full)
+    assert left_out > 0  # some wrong settings / sinces were left out of the text, and so not named
+
+
+def test_a_config_with_one_possible_summary_fails_clearly(tmp_path):
+    # a comparison needs two different summaries of a post: a clear error, not an endless loop
+    one_text = replace(SMALL, p_wrong_fact=0.0, p_cut=0.0, p_omit_setting=0.0, p_omit_since=0.0, p_filler=0.0)
+    with pytest.raises(ValueError, match="only one summary"):
+        synthetic.write_task(tmp_path, one_text)
 
 
 def test_generator_is_deterministic_and_cached(tmp_path):
