@@ -32,7 +32,7 @@ from tqdm import tqdm
 from minirlaif import synthetic
 from minirlaif.data import build_query, format_completion, load_posts
 from minirlaif.generation import generate_texts
-from minirlaif.models import (load_causal_lm, load_tokenizer, pad_batch, position_ids, tiny_gpt2_config,
+from minirlaif.models import (fuse_gelu, load_causal_lm, load_tokenizer, pad_batch, position_ids, tiny_gpt2_config,
                               train_bpe_tokenizer)
 from minirlaif.utils import (MetricLogger, all_reduce, autocast, batch_indices, cleanup_dist, clear_checkpoint,
                              config_dict, finished_metrics, load_checkpoint, parse_config, quiet_transformers,
@@ -224,7 +224,7 @@ def main(cfg: Config) -> dict:
         tokenizer = train_bpe_tokenizer(texts, cfg.vocab_size)
         from transformers import GPT2LMHeadModel
         model = GPT2LMHeadModel(tiny_gpt2_config(tokenizer, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.n_positions))
-    model.to(device).train()
+    model = fuse_gelu(model).to(device).train()
     train, train_cuts = tokenize(train_posts, tokenizer, cfg)
     val, _ = tokenize(val_posts[: cfg.n_val], tokenizer, cfg)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * (len(train) // cfg.batch_size)

@@ -6,7 +6,7 @@ from transformers import AutoModelForSequenceClassification, GPT2ForSequenceClas
 
 from minirlaif.generation import decode_summary, generate, generate_texts
 from minirlaif.losses import logprobs_from_logits
-from minirlaif.models import (fold_reward_offset, last_index, pad_batch, position_ids, response_logits,
+from minirlaif.models import (fold_reward_offset, fuse_gelu, last_index, load_causal_lm, pad_batch, position_ids, response_logits,
                               sequence_rewards, tiny_gpt2_config, token_scores, train_bpe_tokenizer)
 
 TEXTS = [f"my friend ({a}F) of {n} years said {w} and 1 or 2 things." for a in range(16, 40)
@@ -53,6 +53,30 @@ def test_response_logits_match_the_full_forward(policy, tok):
                           tok.pad_token_id, side="left")
     full = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
     torch.testing.assert_close(response_logits(policy, ids, mask, 2), full[:, -3:-1])
+
+
+def test_fuse_gelu_keeps_outputs_and_gradients_and_the_saved_config(tok, tmp_path):
+    from transformers.activations import NewGELUActivation
+
+    torch.manual_seed(2)
+    plain = GPT2LMHeadModel(tiny_gpt2_config(tok, n_layer=2, n_head=2, n_embd=32, n_positions=128))
+    assert plain.config.activation_function == "gelu_new"
+    fused = fuse_gelu(GPT2LMHeadModel(plain.config))
+    fused.load_state_dict(plain.state_dict())
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    assert sum(isinstance(m, torch.nn.GELU) for m in fused.modules()) == 2  # one per block
+    ids, mask = pad_batch([tok(t)["input_ids"] for t in TEXTS[:4]], tok.pad_token_id)
+    for model in (plain, fused):
+        model.zero_grad()
+        model(input_ids=ids, attention_mask=mask).logits.pow(2).mean().backward()
+    torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # the checkpoint is untouched: it still says gelu_new, and our loader fuses it again
+    fused.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert GPT2LMHeadModel.from_pretrained(tmp_path).config.activation_function == "gelu_new"
+    assert not any(isinstance(m, NewGELUActivation) for m in load_causal_lm(str(tmp_path)).modules())
 
 
 def _texts_as_queries(tok):
