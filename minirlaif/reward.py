@@ -261,12 +261,33 @@ def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int, 
     return out.cpu()
 
 
+@torch.no_grad()
 def score_pairs(model, pairs: list[Pair], pad_id: int, batch_size: int, device, bf16: bool = True,
                 dist=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_a, r_b), each (N,): the rewards of both summaries of every pair."""
-    r = score_sequences(model, [p.query + p.a for p in pairs] + [p.query + p.b for p in pairs], pad_id,
-                        batch_size, device, bf16, dist)
-    return r[: len(pairs)], r[len(pairs):]
+    """(r_a, r_b), each (N,) float32 on the CPU: the rewards of both summaries of every pair.
+
+    Scored as in training (`PairRewards`: each query encoded once for its two summaries), `batch_size` sequences
+    (batch_size // 2 pairs) per forward pass, pairs batched in query-length order. Under torchrun each rank scores
+    every world_size-th batch and the sums over ranks give every rank all rewards.
+    """
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    rewards_fn = PairRewards(model)
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].query))
+    per_batch = max(1, batch_size // 2)
+    batches = [order[i: i + per_batch] for i in range(0, len(order), per_batch)]
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    out = torch.zeros(len(pairs), 2, dtype=torch.float32, device=device)  # (N, 2): r_a, r_b
+    for idx in batches[rank::world]:
+        *inputs, _ = (t.to(device) for t in pair_batch([pairs[i] for i in idx], pad_id))
+        with autocast(device, bf16):
+            out[torch.tensor(idx, device=device)] = torch.stack(rewards_fn(*inputs), dim=1).float()
+    if dist is not None:
+        out = all_reduce(out, dist)
+    model.train(was_training)
+    out = out.cpu()
+    return out[:, 0], out[:, 1]
 
 
 def mean_reference_reward(model, enc: Encoder, posts: list[Post], batch_size: int, device, bf16: bool = True,

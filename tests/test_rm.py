@@ -2,6 +2,7 @@
 reference offset through a plain transformers load, calibration, padding invariance, resume, both feedback kinds,
 and torchrun."""
 
+import dataclasses
 import json
 import os
 import random
@@ -179,6 +180,18 @@ def test_padding_invariance(env, tiny_rm):
     # and through score_sequences (length-sorted batches) the rewards come back in input order
     r = reward.score_sequences(tiny_rm, seqs, tok.pad_token_id, batch_size=3, device="cpu")
     torch.testing.assert_close(r, torch.stack([alone(tiny_rm, s) for s in seqs]), atol=1e-5, rtol=1e-5)
+
+
+def test_score_pairs_encodes_queries_once_and_keeps_the_input_order(env, tiny_rm):
+    _, tok = env
+    pairs = hand_pairs(tok)
+    pairs = pairs + [dataclasses.replace(p, query=p.query[3:]) for p in pairs]  # other query lengths
+    for batch_size in (2, 3, 64):  # one pair per batch, a batch with a leftover sequence, everything at once
+        r_a, r_b = reward.score_pairs(tiny_rm, pairs, tok.pad_token_id, batch_size, "cpu")
+        torch.testing.assert_close(r_a, torch.stack([alone(tiny_rm, p.query + p.a) for p in pairs]), atol=1e-5,
+                                   rtol=1e-5)
+        torch.testing.assert_close(r_b, torch.stack([alone(tiny_rm, p.query + p.b) for p in pairs]), atol=1e-5,
+                                   rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
