@@ -72,13 +72,13 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 
 
 def fuse_gelu(model: nn.Module) -> nn.Module:
-    """Run GPT-2's activation as one kernel: the same function, a third of the tiny model's time saved.
+    """Run GPT-2's activation as one kernel: the same function, about 10% faster tiny training stages on the CPU.
 
     GPT-2's "gelu_new" is transformers' NewGELUActivation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) written
     as seven elementwise ops, each with its own pass over memory and its own backward. torch's
-    `nn.GELU(approximate="tanh")` is that formula in one fused kernel (outputs within 3e-7 in fp32). On the 2-core
-    CPU the composite was 40% of a training step of the benchmark's GPT-2 (docs/benchmarks.md). Only the module
-    changes: the saved config still says gelu_new, so transformers and vLLM load the checkpoints as before.
+    `nn.GELU(approximate="tanh")` is that formula in one fused kernel (outputs within 3e-7 in fp32; 4.9 ms -> 0.9 ms
+    forward on a (2128, 512) activation on the 2-core CPU). Only the module changes: the saved config still says
+    gelu_new, so transformers and vLLM load the checkpoints as before.
     """
     from transformers.activations import NewGELUActivation
 
