@@ -107,9 +107,8 @@ class Config:
     """optimizer steps; -1: `epochs` epochs"""
     epochs: int = 2
     """epochs when max_steps is -1"""
-    lr: float = -1.0
-    """peak learning rate; -1: 1e-3 for ai feedback, 2e-4 for human (chosen by validation loss: the soft AI labels
-    take the higher rate, the noisy hard human labels overfit with it)"""
+    lr: float = 2e-4
+    """peak learning rate"""
     warmup_steps: int = 5
     """linear warmup from 0"""
     min_lr_ratio: float = 0.0
@@ -220,8 +219,6 @@ def main(cfg: Config) -> dict:
         raise SystemExit(f"--feedback must be ai or human and --labels soft or hard, got {cfg.feedback}, {cfg.labels}")
     if not cfg.out_dir:
         cfg = dataclasses.replace(cfg, out_dir=f"runs/{cfg.preset}/{'rm' if cfg.feedback == 'ai' else 'rm_human'}")
-    if cfg.lr < 0:
-        cfg = dataclasses.replace(cfg, lr=1e-3 if cfg.feedback == "ai" else 2e-4)
     out_dir = Path(cfg.out_dir)
     if (done := finished_metrics(out_dir, cfg)) is not None:
         print(f"{out_dir} already holds a finished run of this config; skipping (delete it to rerun)")
