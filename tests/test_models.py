@@ -6,8 +6,8 @@ from transformers import AutoModelForSequenceClassification, GPT2ForSequenceClas
 
 from minirlaif.generation import decode_summary, generate, generate_texts
 from minirlaif.losses import logprobs_from_logits
-from minirlaif.models import (fold_reward_offset, fuse_gelu, last_index, load_causal_lm, pad_batch, position_ids, response_logits,
-                              sequence_rewards, tiny_gpt2_config, token_scores, train_bpe_tokenizer)
+from minirlaif.models import (fold_reward_offset, fuse_gelu, last_index, load_causal_lm, pad_batch, position_ids,
+                              response_logits, sequence_rewards, tiny_gpt2_config, token_scores, train_bpe_tokenizer)
 
 TEXTS = [f"my friend ({a}F) of {n} years said {w} and 1 or 2 things." for a in range(16, 40)
          for n, w in [(1, "hello"), (3, "goodbye"), (7, "nothing")]]
