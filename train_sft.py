@@ -223,8 +223,10 @@ def main(cfg: Config) -> dict:
         texts = [f"{p.title}\n{p.post}\n{p.summary}" for p in train_posts]
         tokenizer = train_bpe_tokenizer(texts, cfg.vocab_size)
         from transformers import GPT2LMHeadModel
-        model = GPT2LMHeadModel(tiny_gpt2_config(tokenizer, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.n_positions))
-    model = fuse_gelu(model).to(device).train()
+        # built from a config, not loaded, so it gets load_causal_lm's one-kernel GELU here
+        model = fuse_gelu(GPT2LMHeadModel(tiny_gpt2_config(tokenizer, cfg.n_layer, cfg.n_head, cfg.n_embd,
+                                                           cfg.n_positions)))
+    model.to(device).train()
     train, train_cuts = tokenize(train_posts, tokenizer, cfg)
     val, _ = tokenize(val_posts[: cfg.n_val], tokenizer, cfg)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * (len(train) // cfg.batch_size)
