@@ -60,7 +60,7 @@ from minirlaif import stats, synthetic
 from minirlaif.data import build_query, load_posts
 from minirlaif.generation import generate_texts, vllm_generate
 from minirlaif.judges import JudgeConfig, judge_pairs, make_labeler, position_bias, resolve_device
-from minirlaif.models import load_causal_lm, load_scalar_model, load_tokenizer
+from minirlaif.models import load_causal_lm, load_scalar_model, load_tokenizer, set_attention
 from minirlaif.reward import HUMAN_CONFIDENCE, Encoder, evaluate_pairs, load_ai_pairs, load_human_pairs, split_by_id
 from minirlaif.utils import (append_jsonl, finished_metrics, parse_config, quiet_transformers, read_json,
                              read_jsonl_resumable, set_seed, sha256_path, write_json, write_manifest)
@@ -151,8 +151,8 @@ class Config:
     """score the RMs on at most this many human comparisons of confidence >= 8 (seeded sample; -1: all)"""
     rm_batch_size: int = 64
     """RM scoring: sequences per forward pass"""
-    bf16: bool = True
-    """bf16 autocast for RM scoring on CUDA (ignored on CPU)"""
+    bf16: bool = False
+    """bf16 autocast for RM scoring, on GPU or CPU (the CPU presets run fp32)"""
     n_samples: int = 4
     """side-by-side samples in report.md and eval.json"""
 
@@ -164,7 +164,8 @@ PRESETS = {
     "gpt2-large": dict(task_dir="", dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered", n=1000,
                        max_query_tokens=512, max_new_tokens=128, gen_batch_size=32, gen_chunk=512, judge="openai",
                        api_model="gpt-4o", judge_chunk=256, comparisons="openai/summarize_from_feedback",
-                       rm_batch_size=32, n_samples=6),
+                       rm_batch_size=32, n_samples=6,
+                       bf16=True),
 }
 
 # the numbers to put ours next to (REFERENCE.md): win rates in %, by (policy, baseline)
@@ -423,7 +424,8 @@ def rm_accuracy(name: str, path: str, cfg: Config, device: str) -> dict:
         sets["ai_test"] = split_by_id(pairs, rm_cfg["seed"], rm_cfg["val_frac"], rm_cfg["test_frac"])["test"]
     else:
         print(f"rm {name}: no AI labels or split settings found (labels {labels or '-'}); AI test accuracy skipped")
-    model = load_scalar_model(path, pad_token_id=tokenizer.pad_token_id).to(device).eval()
+    model = set_attention(load_scalar_model(path, pad_token_id=tokenizer.pad_token_id), device, cfg.bf16)
+    model = model.to(device).eval()
     m = evaluate_pairs(model, sets, tokenizer.pad_token_id, cfg.rm_batch_size, device, cfg.bf16)
     del model
     reported = read_json(Path(path) / "metrics.json") if (Path(path) / "metrics.json").is_file() else {}

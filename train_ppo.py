@@ -44,7 +44,7 @@ from minirlaif.losses import (AdaptiveKLController, FixedKLController, entropy_f
                               kl_penalty, logprobs_from_logits, masked_mean, masked_whiten, ppo_policy_loss,
                               ppo_value_loss)
 from minirlaif.models import (disable_dropout, last_index, load_causal_lm, load_scalar_model, load_tokenizer, pad_batch,
-                              response_logits, sequence_rewards, token_scores)
+                              response_logits, sequence_rewards, set_attention, token_scores)
 from minirlaif.utils import (MetricLogger, all_reduce, all_reduce_grads, append_jsonl, autocast, batch_indices,
                              cleanup_dist, clear_checkpoint, config_dict, finished_metrics, load_checkpoint,
                              parse_config, quiet_transformers, save_checkpoint, set_seed, setup_dist, truncate_jsonl,
@@ -121,8 +121,8 @@ class Config:
     """AdamW weight decay"""
     grad_clip: float = 1.0
     """max gradient norm, per model"""
-    bf16: bool = True
-    """bf16 autocast on CUDA (ignored on CPU)"""
+    bf16: bool = False
+    """bf16 autocast, on GPU or CPU (the CPU presets run fp32; CPU bf16 needs AVX512-BF16/AMX to be fast)"""
     sample_every: int = 5
     """updates between rows of samples.jsonl"""
     n_samples: int = 4
@@ -140,7 +140,8 @@ PRESETS = {
                   n_samples=2, checkpoint_every=1),
     "gpt2-large": dict(task_dir="", dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered",
                        max_query_tokens=512, total_episodes=912 * 128, batch_size=128, micro_batch_size=8,
-                       response_length=128, lr=1e-5, sample_every=20, checkpoint_every=50),
+                       response_length=128, lr=1e-5, sample_every=20, checkpoint_every=50,
+                       bf16=True),
 }
 
 
@@ -292,6 +293,8 @@ def main(cfg: Config) -> dict:
     value_model = value_model.to(device).train()
     reward_model = load_scalar_model(cfg.rm_path, pad_token_id=tokenizer.pad_token_id)
     reward_model = disable_dropout(reward_model).to(device).eval().requires_grad_(False)
+    for model in (policy, ref_policy, value_model, reward_model):
+        set_attention(model, device, cfg.bf16)  # eager attention under CPU bf16, the faster kernel there
     value_lr = cfg.lr if cfg.value_lr < 0 else cfg.value_lr
     optimizers = [torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=cfg.weight_decay, eps=1e-5)
                   for m, lr in ((policy, cfg.lr), (value_model, value_lr))]

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from minirlaif.data import load_posts
 from minirlaif.losses import bradley_terry_loss
-from minirlaif.models import disable_dropout, fold_reward_offset, load_scalar_model, load_tokenizer
+from minirlaif.models import disable_dropout, fold_reward_offset, load_scalar_model, load_tokenizer, set_attention
 from minirlaif.reward import (HUMAN_CONFIDENCE, Encoder, PairRewards, evaluate_pairs, load_ai_pairs,
                               load_human_pairs, mean_reference_reward, padding_invariance, pair_batch, pair_metrics,
                               score_pairs, split_by_id, training_labels)
@@ -119,8 +119,8 @@ class Config:
     """max gradient norm"""
     center_coef: float = 0.0
     """adds center_coef * mean((r_a + r_b)^2) to the loss (reward centering; 0: off)"""
-    bf16: bool = True
-    """bf16 autocast on CUDA (ignored on CPU)"""
+    bf16: bool = False
+    """bf16 autocast, on GPU or CPU (the CPU presets run fp32; CPU bf16 needs AVX512-BF16/AMX to be fast)"""
     eval_every: int = 20
     """steps between validation evaluations (the best one is kept)"""
     eval_batch_size: int = 64
@@ -143,7 +143,8 @@ PRESETS = {
                        reference_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered", n_reference=2048,
                        val_frac=0.05, test_frac=0.05, n_val=2048, max_query_tokens=512, max_summary_tokens=128,
                        batch_size=128, micro_batch_size=8, max_steps=-1, epochs=1, lr=1e-4, warmup_steps=0,
-                       min_lr_ratio=0.0, eval_every=100, eval_batch_size=32, checkpoint_every=100, log_every=10),
+                       min_lr_ratio=0.0, eval_every=100, eval_batch_size=32, checkpoint_every=100, log_every=10,
+                       bf16=True),
 }
 
 
@@ -238,6 +239,7 @@ def main(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.sft_model)
     pad_id = tokenizer.pad_token_id
     model = disable_dropout(load_scalar_model(cfg.sft_model, pad_token_id=pad_id)).to(device).train()
+    set_attention(model, device, cfg.bf16)
     n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if n_positions and cfg.max_query_tokens + cfg.max_summary_tokens > n_positions:
         raise SystemExit(f"max_query_tokens + max_summary_tokens = {cfg.max_query_tokens + cfg.max_summary_tokens} "

@@ -32,8 +32,8 @@ from tqdm import tqdm
 from minirlaif import synthetic
 from minirlaif.data import build_query, format_completion, load_posts
 from minirlaif.generation import generate_texts
-from minirlaif.models import (fuse_gelu, load_causal_lm, load_tokenizer, pad_batch, position_ids, tiny_gpt2_config,
-                              train_bpe_tokenizer)
+from minirlaif.models import (fuse_gelu, load_causal_lm, load_tokenizer, pad_batch, position_ids, set_attention,
+                              tiny_gpt2_config, train_bpe_tokenizer)
 from minirlaif.utils import (MetricLogger, all_reduce, autocast, batch_indices, cleanup_dist, clear_checkpoint,
                              config_dict, finished_metrics, load_checkpoint, parse_config, quiet_transformers,
                              save_checkpoint, set_seed, setup_dist, write_json, write_manifest)
@@ -89,8 +89,8 @@ class Config:
     """AdamW weight decay"""
     grad_clip: float = 1.0
     """max gradient norm"""
-    bf16: bool = True
-    """bf16 autocast on CUDA (ignored on CPU)"""
+    bf16: bool = False
+    """bf16 autocast, on GPU or CPU (the CPU presets run fp32; CPU bf16 needs AVX512-BF16/AMX to be fast)"""
     eval_every: int = 100
     """steps between validation losses"""
     n_val: int = 256
@@ -113,7 +113,8 @@ PRESETS = {
     "gpt2-large": dict(task_dir="", dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered", model="gpt2-large",
                        max_query_tokens=512, max_completion_tokens=128, batch_size=64, micro_batch_size=8,
                        max_steps=-1, epochs=1, lr=5e-5, warmup_steps=0, min_lr_ratio=0.0, weight_decay=0.0,
-                       eval_every=200, n_val=512, n_judge=0, checkpoint_every=200, log_every=10),
+                       eval_every=200, n_val=512, n_judge=0, checkpoint_every=200, log_every=10,
+                       bf16=True),
 }
 
 
@@ -226,7 +227,7 @@ def main(cfg: Config) -> dict:
         # built from a config, not loaded, so it gets load_causal_lm's one-kernel GELU here
         model = fuse_gelu(GPT2LMHeadModel(tiny_gpt2_config(tokenizer, cfg.n_layer, cfg.n_head, cfg.n_embd,
                                                            cfg.n_positions)))
-    model.to(device).train()
+    set_attention(model, device, cfg.bf16).to(device).train()
     train, train_cuts = tokenize(train_posts, tokenizer, cfg)
     val, _ = tokenize(val_posts[: cfg.n_val], tokenizer, cfg)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * (len(train) // cfg.batch_size)

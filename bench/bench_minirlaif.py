@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--timed", type=int, default=5, help="updates timed")
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (train_ppo --bf16); default fp32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     models = Path(args.models)
@@ -77,7 +78,8 @@ def main():
         str(work / "ppo"), "--total-episodes", str(64 * n_updates), "--batch-size", "64", "--mini-batches", "1",
         "--micro-batch-size", str(args.micro_batch), "--ppo-epochs", "4", "--response-length", "53",
         "--temperature", "0.7", "--kl-coef", "0.05", "--lr", "1e-5", "--missing-eos-penalty", "1.0",
-        "--sample-every", "1000000", "--checkpoint-every", "1000000", "--max-query-tokens", "80"])
+        "--sample-every", "1000000", "--checkpoint-every", "1000000", "--max-query-tokens", "80",
+        "--bf16" if args.bf16 else "--no-bf16"])
     wall0, cpu0 = time.perf_counter(), time.process_time()
     train_ppo.main(cfg)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
@@ -96,12 +98,13 @@ def main():
         "per_update": [{k: r[k] for k in ("step", "time/rollout_s", "time/update_s", "eps")} for r in rows],
         "settings": {"episodes_per_update": 64, "mini_batches": 1, "ppo_epochs": 4, "micro_batch": args.micro_batch,
                      "response_length": 53, "prompt_len": len(prompts[0]["input_ids"]), "temperature": 0.7,
-                     "threads": args.threads, "loadavg_1m_after": round(os.getloadavg()[0], 2)},
+                     "threads": args.threads, "bf16": args.bf16, "loadavg_1m_after": round(os.getloadavg()[0], 2)},
         "versions": {**package_versions(), "platform": platform.platform()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"minirlaif: {result['episodes_per_s']} episodes/s, {s_per_update:.3f} s/update "
+    print(f"minirlaif ({'bf16' if args.bf16 else 'fp32'}): {result['episodes_per_s']} episodes/s, "
+          f"{s_per_update:.3f} s/update "
           f"(rollout {result['rollout_s']:.3f} s, update {result['update_s']:.3f} s); quiet={result['quiet_run']}")
 
 

@@ -71,6 +71,10 @@ def main():
     ap.add_argument("--rollout-batch", type=int, default=64, help="local_rollout_forward_batch_size")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bf16", action="store_true",
+                    help="PPOConfig(bf16=True): accelerate's bf16 autocast (default fp32)")
+    ap.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
+                    help="attention of all four models (transformers' default for GPT-2 is sdpa)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -87,10 +91,11 @@ def main():
     warnings.filterwarnings("ignore", message="Using a non-tuple sequence")  # TRL's rewards[[rows, cols]] on torch 2.13
     m = lambda name: os.path.join(args.models, name)  # noqa: E731
     tok = AutoTokenizer.from_pretrained(m("tokenizer"))
-    policy = AutoModelForCausalLM.from_pretrained(m("policy"))
-    ref_policy = AutoModelForCausalLM.from_pretrained(m("policy"))
-    value_model = AutoModelForSequenceClassification.from_pretrained(m("reward"))
-    reward_model = AutoModelForSequenceClassification.from_pretrained(m("reward"))
+    attn = dict(attn_implementation=args.attn_implementation)
+    policy = AutoModelForCausalLM.from_pretrained(m("policy"), **attn)
+    ref_policy = AutoModelForCausalLM.from_pretrained(m("policy"), **attn)
+    value_model = AutoModelForSequenceClassification.from_pretrained(m("reward"), **attn)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(m("reward"), **attn)
     with open(m("prompts.jsonl")) as f:
         prompt_ids = [json.loads(line)["input_ids"] for line in f]
     train_ds = datasets.Dataset.from_dict({"input_ids": prompt_ids})
@@ -103,7 +108,7 @@ def main():
         local_rollout_forward_batch_size=args.rollout_batch, response_length=53, temperature=0.7,
         stop_token="eos", missing_eos_penalty=1.0, kl_coef=0.05, gamma=1.0, lam=0.95, cliprange=0.2,
         cliprange_value=0.2, vf_coef=0.1, whiten_rewards=False, learning_rate=1e-5,
-        total_episodes=EPISODES_PER_UPDATE * n_updates, num_sample_generations=0, seed=args.seed,
+        total_episodes=EPISODES_PER_UPDATE * n_updates, num_sample_generations=0, seed=args.seed, bf16=args.bf16,
     )
     config = PPOConfig(
         output_dir=os.path.join(HERE, "_out", "trl_run"), exp_name="bench_trl", report_to="none",
@@ -162,7 +167,7 @@ def main():
         "per_update": [{k: round(v, 4) for k, v in u.items()} for u in rec.updates],
         "train_wall_s": round(wall, 3),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "settings": settings,
+        "settings": {**settings, **attn},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "trl": trl.__version__,
                      "accelerate": accelerate.__version__, "datasets": datasets.__version__,
@@ -179,7 +184,8 @@ def main():
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"trl {trl.__version__}: {result['episodes_per_s']:.2f} episodes/s, {s_per_update:.2f} s/update "
+    print(f"trl {trl.__version__} ({'bf16' if args.bf16 else 'fp32'}, {args.attn_implementation}): "
+          f"{result['episodes_per_s']:.2f} episodes/s, {s_per_update:.2f} s/update "
           f"(rollout {result['rollout_s']:.2f} s + update {result['update_s']:.2f} s) over {len(timed)} timed "
           f"updates after {args.warmup} warm-up; {args.threads} threads -> {args.out}")
     if not result["quiet_run"]:

@@ -242,7 +242,7 @@ def _rewards_of(model, seqs, batches, pad_id, device, bf16, side) -> torch.Tenso
 
 
 @torch.no_grad()
-def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int, device, bf16: bool = True,
+def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int, device, bf16: bool = False,
                     dist=None) -> torch.Tensor:
     """Rewards of token sequences (query + summary), in input order, as a float32 CPU tensor. (N,)
 
@@ -262,7 +262,7 @@ def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int, 
 
 
 @torch.no_grad()
-def score_pairs(model, pairs: list[Pair], pad_id: int, batch_size: int, device, bf16: bool = True,
+def score_pairs(model, pairs: list[Pair], pad_id: int, batch_size: int, device, bf16: bool = False,
                 dist=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_a, r_b), each (N,) float32 on the CPU: the rewards of both summaries of every pair.
 
@@ -290,7 +290,7 @@ def score_pairs(model, pairs: list[Pair], pad_id: int, batch_size: int, device, 
     return out[:, 0], out[:, 1]
 
 
-def mean_reference_reward(model, enc: Encoder, posts: list[Post], batch_size: int, device, bf16: bool = True,
+def mean_reference_reward(model, enc: Encoder, posts: list[Post], batch_size: int, device, bf16: bool = False,
                           dist=None) -> tuple[float, float]:
     """(mean, std) of the rewards of the posts' reference summaries: the offset that makes references score 0."""
     seqs = [enc.query(p) + enc.summary(p.summary) for p in posts]
@@ -299,7 +299,7 @@ def mean_reference_reward(model, enc: Encoder, posts: list[Post], batch_size: in
 
 
 @torch.no_grad()
-def padding_invariance(model, seqs: list[list[int]], pad_id: int, device, bf16: bool = True, seed: int = 0) -> float:
+def padding_invariance(model, seqs: list[list[int]], pad_id: int, device, bf16: bool = False, seed: int = 0) -> float:
     """Max |reward difference| of the same sequences scored three ways: each alone (no padding), right-padded in
     length-sorted batches of 8, and left-padded in shuffled batches of 5 (other neighbours, other padding)."""
     was_training = model.training
@@ -365,7 +365,7 @@ def pair_metrics(r_a: torch.Tensor, r_b: torch.Tensor, prob_a: torch.Tensor) -> 
     }
 
 
-def evaluate_pairs(model, sets: dict[str, list[Pair]], pad_id: int, batch_size: int, device, bf16: bool = True,
+def evaluate_pairs(model, sets: dict[str, list[Pair]], pad_id: int, batch_size: int, device, bf16: bool = False,
                    dist=None, reliability_png: str | Path | None = None, title: str = "") -> dict:
     """Score each named set of pairs; flat metrics acc_<name> (and its bootstrap acc_<name>_ci95), n_<name>,
     n_label_ties_<name>, loss_<name>, ece_<name>.

@@ -193,11 +193,14 @@ def all_reduce_grads(model: torch.nn.Module, dist: Dist) -> None:
                 torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA; a no-op on CPU (CPU bf16 matmuls are slow and the tiny preset runs in fp32)."""
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(device: torch.device | str, enabled: bool = True):
+    """bf16 autocast on `device` when enabled (the `--bf16` flag: on for gpt2-large, off for the CPU presets).
+
+    On CPU it is fast only where the CPU has bf16 instructions (AVX512-BF16 or AMX), and models should then use
+    `models.set_attention` (eager attention) too; elsewhere CPU bf16 is emulated and slow.
+    """
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ from transformers import AutoModelForSequenceClassification, GPT2ForSequenceClas
 from minirlaif.generation import decode_summary, generate, generate_texts
 from minirlaif.losses import logprobs_from_logits
 from minirlaif.models import (fold_reward_offset, fuse_gelu, last_index, load_causal_lm, pad_batch, position_ids,
-                              response_logits, sequence_rewards, tiny_gpt2_config, token_scores, train_bpe_tokenizer)
+                              response_logits, sequence_rewards, set_attention, tiny_gpt2_config, token_scores,
+                              train_bpe_tokenizer)
+from minirlaif.utils import autocast
 
 TEXTS = [f"my friend ({a}F) of {n} years said {w} and 1 or 2 things." for a in range(16, 40)
          for n, w in [(1, "hello"), (3, "goodbye"), (7, "nothing")]]
@@ -77,6 +79,30 @@ def test_fuse_gelu_keeps_outputs_and_gradients_and_the_saved_config(tok, tmp_pat
     tok.save_pretrained(tmp_path)
     assert GPT2LMHeadModel.from_pretrained(tmp_path).config.activation_function == "gelu_new"
     assert not any(isinstance(m, NewGELUActivation) for m in load_causal_lm(str(tmp_path)).modules())
+
+
+def test_set_attention_is_eager_only_under_cpu_bf16_and_computes_the_same(tok, tmp_path):
+    torch.manual_seed(3)
+    sdpa = GPT2LMHeadModel(tiny_gpt2_config(tok, n_layer=2, n_head=2, n_embd=32, n_positions=128))
+    eager = GPT2LMHeadModel(sdpa.config)
+    eager.load_state_dict(sdpa.state_dict())
+    for device, bf16 in (("cpu", False), ("cuda", True), ("cuda", False)):  # only the device type is read
+        assert set_attention(sdpa, device, bf16).config._attn_implementation == "sdpa"
+    assert set_attention(eager, torch.device("cpu"), True).config._attn_implementation == "eager"
+    ids, mask = pad_batch([tok(t)["input_ids"] for t in TEXTS[:4]], tok.pad_token_id, side="left")  # (4, T)
+    with torch.no_grad():
+        reference = sdpa(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+        same = eager(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+        with autocast("cpu", True):
+            low = eager(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    real = mask.bool()  # padded positions' outputs are never read
+    torch.testing.assert_close(same[real], reference[real], rtol=0, atol=1e-5)  # the same function in fp32
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low[real].float(), reference[real], rtol=0, atol=0.01)  # and to bf16 accuracy
+    # the choice is not saved: a plain load of the checkpoint is transformers' default again
+    eager.save_pretrained(tmp_path)
+    assert "eager" not in (tmp_path / "config.json").read_text()
+    assert GPT2LMHeadModel.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
 
 
 def _texts_as_queries(tok):

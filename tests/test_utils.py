@@ -4,6 +4,8 @@ import json
 from dataclasses import dataclass
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from minirlaif import utils
 
@@ -114,3 +116,22 @@ def test_check_resume_config_names_the_differences():
     with pytest.raises(SystemExit, match="lr"):
         utils.check_resume_config({**Cfg().__dict__, "lr": 0.1}, Cfg(), "ckpt")
     utils.check_resume_config({**Cfg().__dict__, "resume": False}, Cfg(), "ckpt")
+
+
+def test_autocast_is_bf16_on_cpu_only_when_enabled():
+    """`--bf16` means bf16 matmuls on CPU too; off means fp32, untouched."""
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(32, 64, generator=g), torch.randn(32, generator=g), torch.randn(8, 64, generator=g)
+    fp32 = F.linear(x, w, b)
+    with utils.autocast("cpu", enabled=False):
+        assert not torch.is_autocast_enabled("cpu")
+        assert torch.equal(F.linear(x, w, b), fp32)
+    with utils.autocast(torch.device("cpu"), enabled=True):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        out = F.linear(x, w, b)
+    assert not torch.is_autocast_enabled("cpu")
+    # the product ran on bf16 inputs: exactly torch's own bf16 linear, and only bf16-close to fp32
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()))
+    assert not torch.equal(out.float(), fp32)
+    torch.testing.assert_close(out.float(), fp32, rtol=2e-2, atol=5e-2)
