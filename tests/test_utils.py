@@ -135,3 +135,13 @@ def test_autocast_is_bf16_on_cpu_only_when_enabled():
     assert torch.equal(out, F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()))
     assert not torch.equal(out.float(), fp32)
     torch.testing.assert_close(out.float(), fp32, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("script", ["train_sft", "train_rm", "train_ppo", "evaluate"])
+def test_bf16_is_on_for_gpt2_large_and_off_for_the_cpu_presets(script):
+    import importlib
+
+    mod = importlib.import_module(script)
+    for preset, bf16 in (("tiny", False), ("micro", False), ("gpt2-large", True)):
+        assert utils.parse_config(mod.Config, mod.PRESETS, ["--preset", preset]).bf16 is bf16, preset
+    assert utils.parse_config(mod.Config, mod.PRESETS, ["--bf16"]).bf16 is True
