@@ -122,7 +122,7 @@ class Config:
     grad_clip: float = 1.0
     """max gradient norm, per model"""
     bf16: bool = False
-    """bf16 autocast, on GPU or CPU (the CPU presets run fp32; CPU bf16 needs AVX512-BF16/AMX to be fast)"""
+    """bf16 autocast, on GPU or CPU (the CPU presets run fp32; CPU bf16 pays only with AVX512-BF16/AMX)"""
     sample_every: int = 5
     """updates between rows of samples.jsonl"""
     n_samples: int = 4

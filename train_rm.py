@@ -120,7 +120,7 @@ class Config:
     center_coef: float = 0.0
     """adds center_coef * mean((r_a + r_b)^2) to the loss (reward centering; 0: off)"""
     bf16: bool = False
-    """bf16 autocast, on GPU or CPU (the CPU presets run fp32; CPU bf16 needs AVX512-BF16/AMX to be fast)"""
+    """bf16 autocast, on GPU or CPU (the CPU presets run fp32; CPU bf16 pays only with AVX512-BF16/AMX)"""
     eval_every: int = 20
     """steps between validation evaluations (the best one is kept)"""
     eval_batch_size: int = 64

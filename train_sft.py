@@ -90,7 +90,7 @@ class Config:
     grad_clip: float = 1.0
     """max gradient norm"""
     bf16: bool = False
-    """bf16 autocast, on GPU or CPU (the CPU presets run fp32; CPU bf16 needs AVX512-BF16/AMX to be fast)"""
+    """bf16 autocast, on GPU or CPU (the CPU presets run fp32; CPU bf16 pays only with AVX512-BF16/AMX)"""
     eval_every: int = 100
     """steps between validation losses"""
     n_val: int = 256

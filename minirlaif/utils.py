@@ -196,8 +196,8 @@ def all_reduce_grads(model: torch.nn.Module, dist: Dist) -> None:
 def autocast(device: torch.device | str, enabled: bool = True):
     """bf16 autocast on `device` when enabled (the `--bf16` flag: on for gpt2-large, off for the CPU presets).
 
-    On CPU it is fast only where the CPU has bf16 instructions (AVX512-BF16 or AMX), and models should then use
-    `models.set_attention` (eager attention) too; elsewhere CPU bf16 is emulated and slow.
+    On CPU it pays only where the CPU has bf16 instructions (AVX512-BF16 or AMX; measured on this project's
+    AVX512-BF16 CPU only), and models should then use `models.set_attention` (eager attention) too.
     """
     device = torch.device(device)
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()

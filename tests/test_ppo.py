@@ -16,7 +16,8 @@ import train_ppo
 from minirlaif import losses, synthetic
 from minirlaif.data import build_query, load_posts
 from minirlaif.generation import row_seeds
-from minirlaif.models import pad_batch, response_logits, sequence_rewards, tiny_gpt2_config, train_bpe_tokenizer
+from minirlaif.models import (pad_batch, response_logits, sequence_rewards, set_attention, tiny_gpt2_config,
+                              train_bpe_tokenizer)
 from minirlaif.utils import Dist, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,8 +226,11 @@ def test_micro_run_learns_nothing_silly_and_saves(setup, tmp_path):
     assert (out / "model.safetensors").exists() and (out / "manifest.json").exists()
 
 
-def test_bf16_on_cpu_runs_and_stays_close_to_fp32(setup, tmp_path):
+def test_bf16_on_cpu_runs_and_stays_close_to_fp32(setup, tmp_path, monkeypatch):
     """`--bf16` on CPU (autocast, eager attention) trains, and its first update is fp32's to bf16 accuracy."""
+    attention = []  # the attention each of train_ppo's models ends up with
+    monkeypatch.setattr(train_ppo, "set_attention", lambda model, device, bf16: attention.append(
+        set_attention(model, device, bf16).config._attn_implementation))
     rows = {}
     for name, extra in (("fp32", ()), ("bf16", ("--bf16",))):
         metrics = train_ppo.main(parse_config(train_ppo.Config, train_ppo.PRESETS,
@@ -235,6 +239,7 @@ def test_bf16_on_cpu_runs_and_stays_close_to_fp32(setup, tmp_path):
         rows[name] = metric_rows(tmp_path / name)
     manifest = json.loads((tmp_path / "bf16" / "manifest.json").read_text())
     assert manifest["config"]["bf16"] is True
+    assert attention == ["sdpa"] * 4 + ["eager"] * 4  # policy, reference, value and reward model of each run
     assert all(torch.isfinite(torch.tensor(v)) for r in rows["bf16"] for v in r.values())
     fp32, bf16 = rows["fp32"][0], rows["bf16"][0]
     # the same seeds sample the same first batch; bf16 moves the numbers by its rounding only (about 1e-3 here)
