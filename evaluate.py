@@ -134,7 +134,7 @@ class Config:
     max_retries: int = 6
     """openai judge: retries of a failed request before giving up"""
     request_timeout: float = 60.0
-    """openai judge: seconds before a request counts as timed out"""
+    """openai judge: deadline in seconds for a whole request (then a retry)"""
     judge_chunk: int = 64
     """pairs per judging step; each step's rows are appended to the judgment cache"""
     tie_eps: float = stats.TIE_EPS

@@ -29,7 +29,7 @@ Labeler backends, one class each, all built by `make_labeler(cfg)` from a `Judge
   rule    RuleLabeler: the synthetic task's rule judge (reads the post's `facts`), with noise and position bias
   hf      HFLabeler: any local causal LM through transformers (chat template applied when it has one)
   vllm    VLLMLabeler: a local LM served by vLLM (imported lazily; top-k logprobs)
-  openai  OpenAILabeler: any OpenAI-compatible chat-completions endpoint, via urllib (no extra dependency)
+  openai  OpenAILabeler: any OpenAI-compatible chat-completions endpoint, via http.client (no extra dependency)
 
 Every labeler has `judge(queries) -> verdicts` (one ordered pair each: {"p_first", "mass", "rationale",
 "null_reason", "usage"}) and a `usage` dict of counters for this process. The LM labelers also have
@@ -46,10 +46,10 @@ import json
 import math
 import os
 import random
+import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,7 +216,8 @@ def _add_usage(*usages) -> dict | None:
     usages = [u for u in usages if u]
     if not usages:
         return None
-    return {k: sum(u.get(k, 0) for u in usages) for k in ("prompt_tokens", "completion_tokens")}
+    keys = [k for k in USAGE_KEYS if any(k in u for u in usages)]  # vllm / hf report tokens only
+    return {k: sum(u.get(k, 0) for u in usages) for k in keys}
 
 
 def lm_judge(labeler, queries: list[dict]) -> list[dict]:
@@ -389,16 +390,63 @@ class APIError(RuntimeError):
 
 # statuses worth retrying: rate limits, timeouts and server errors; others (400, 401, 404, ...) will not improve
 _RETRY_STATUS = {408, 409, 429}
+MAX_BODY_BYTES = 8 * 2**20  # a chat-completions answer of one token or one rationale is a few kB
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "requests", "usage_unknown")
+
+
+class _Retry(Exception):
+    """A failed attempt worth retrying; its message (already redacted) is the last error reported."""
+
+
+def redact(obj, secret: str):
+    """`obj` (str, or dicts / lists of them) with every occurrence of `secret` replaced by [REDACTED]."""
+    if not secret:
+        return obj
+    if isinstance(obj, str):
+        return obj.replace(secret, "[REDACTED]")
+    if isinstance(obj, dict):
+        return {k: redact(v, secret) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v, secret) for v in obj]
+    return obj
+
+
+def _read_usage(answer) -> tuple[dict, bool]:
+    """Token counts of a 200 answer, and whether they could be read (a valid answer is kept either way)."""
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    try:
+        counts = {k: int(usage[k]) for k in ("prompt_tokens", "completion_tokens")}
+        if all(v >= 0 for v in counts.values()):
+            return counts, True
+    except (TypeError, KeyError, ValueError, OverflowError):
+        pass
+    return {"prompt_tokens": 0, "completion_tokens": 0}, False
+
+
+def _logprob(x) -> float:
+    """A top-logprob value, checked: a number <= 0 (-inf allowed). Raises ValueError on anything else (NaN, a
+    positive "logprob" of 1000 that math.exp would overflow on)."""
+    lp = float(x)  # raises on non-numbers
+    if math.isnan(lp) or lp > 1e-4:  # 1e-4: rounding of a probability of 1
+        raise ValueError(f"invalid logprob {x!r}")
+    return min(lp, 0.0)
 
 
 class OpenAILabeler:
-    """Any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM's server, llama.cpp, ...), via urllib.
+    """Any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM's server, llama.cpp, ...), via http.client.
 
     Each prompt is one user message. Scoring requests ask for one token with `logprobs` and `top_logprobs` and
     read "1" / "2" from the top list; rationales are greedy (temperature 0) completions. Requests run
     `max_concurrency` at a time; 429 / 5xx / timeouts / connection errors / malformed bodies are retried with
-    exponential backoff and full jitter (honouring Retry-After), then raise APIError. The key comes from the
-    environment variable OPENAI_API_KEY only, and is never printed or stored.
+    exponential backoff and full jitter (honouring Retry-After), then raise APIError. `request_timeout` is a
+    deadline for the whole request (connect, send, every byte of the answer), not for each read. Invalid
+    logprobs (NaN, positive) give a null label with the reason, not a retry and not a guess. Every attempt's
+    tokens are counted in the row's usage (failed but billed attempts too), with the number of attempts
+    (`requests`, answered or not) and of answers whose usage could not be read (`usage_unknown`).
+
+    The key comes from the environment variable OPENAI_API_KEY only, is never printed or stored, and is redacted
+    from everything a server sends back (error bodies that echo the request headers, answers) before it is
+    raised, returned or written.
     """
 
     def __init__(self, api_base: str, model: str, spec: PromptSpec | None = None, top_logprobs: int = 20,
@@ -412,7 +460,7 @@ class OpenAILabeler:
         self.base_delay, self.max_delay, self.timeout = retry_base_delay, retry_max_delay, request_timeout
         self._key = os.environ.get("OPENAI_API_KEY", "")
         self._lock, self._jitter = threading.Lock(), random.Random()
-        self.usage = {"requests": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self.usage = {"requests": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0, "usage_unknown": 0}
 
     def judge(self, queries):
         return lm_judge(self, queries)
@@ -425,12 +473,58 @@ class OpenAILabeler:
             for k, v in kw.items():
                 self.usage[k] += v
 
+    def _request(self, data: bytes, headers: dict) -> tuple[int, object, bytes]:
+        """One POST -> (status, headers, body), all of it within `self.timeout` seconds.
+
+        Why a timer: a socket timeout bounds each read only, so a server sending a byte every 0.4 s would hold
+        a request for ever at timeout 1. At the deadline the timer shuts the socket down, which wakes the
+        blocked read; what was read by then is thrown away.
+        """
+        url = urllib.parse.urlsplit(self.url)
+        conn_cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        conn = conn_cls(url.hostname, url.port, timeout=self.timeout)
+        expired, sock = threading.Event(), []
+
+        def expire():
+            expired.set()
+            for s in sock:  # the plain socket's shutdown (an SSL socket's own would drop its state under the read)
+                try:
+                    socket.socket.shutdown(s, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        timer = threading.Timer(self.timeout, expire)
+        timer.start()
+        try:
+            try:
+                conn.connect()
+                sock.append(conn.sock)  # kept: the connection drops its reference once the response is read
+                if expired.is_set():  # the deadline passed while connecting, before there was a socket to shut
+                    raise TimeoutError
+                conn.request("POST", url.path + (f"?{url.query}" if url.query else ""), body=data, headers=headers)
+                resp = conn.getresponse()
+                body = resp.read(MAX_BODY_BYTES + 1)
+            except (OSError, http.client.HTTPException):
+                if expired.is_set():
+                    raise TimeoutError(f"no complete answer within the {self.timeout} s request timeout") from None
+                raise
+            if expired.is_set():  # a read cut by the shutdown can look like the end of a body without a length
+                raise TimeoutError(f"no complete answer within the {self.timeout} s request timeout")
+            if len(body) > MAX_BODY_BYTES:
+                raise ValueError(f"answer longer than {MAX_BODY_BYTES} bytes")
+            return resp.status, resp.headers, body
+        finally:
+            timer.cancel()
+            conn.close()
+
     def _post(self, body: dict, parse):
-        """POST a request and parse its JSON answer with `parse` (which raises on a malformed body), retrying."""
+        """POST a request and parse its JSON answer with `parse` (which raises on a malformed body), retrying.
+        -> (parsed answer, usage of all attempts: {prompt_tokens, completion_tokens, requests, usage_unknown})."""
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = "Bearer " + self._key
+        spent = dict.fromkeys(USAGE_KEYS, 0)  # over every attempt of this request
         last, retry_after = "", 0.0
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -438,34 +532,38 @@ class OpenAILabeler:
                 delay = self._jitter.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
                 time.sleep(max(delay, min(retry_after, self.max_delay)) if retry_after else delay)
             retry_after = 0.0
+            spent["requests"] += 1  # every attempt, answered or not (a timed-out request may be billed too)
+            self._count(requests=1)
             try:
-                req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
-                self._count(requests=1)
-                answer = json.loads(raw)
-                usage = (answer.get("usage") or {}) if isinstance(answer, dict) else {}
-                usage = {k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens")}
-                self._count(**usage)  # billed even if the body turns out malformed
-                return parse(answer), usage
-            except urllib.error.HTTPError as e:
-                self._count(requests=1)
                 try:
-                    detail = e.read()[:300].decode("utf-8", "replace")
-                except (OSError, http.client.HTTPException):
-                    detail = ""
-                if e.code not in _RETRY_STATUS and e.code < 500:
-                    raise APIError(f"{self.url}: HTTP {e.code} (not retryable): {detail}") from None
-                last = f"HTTP {e.code}: {detail}"
+                    status, resp_headers, raw = self._request(data, headers)
+                except (TimeoutError, ConnectionError, OSError, http.client.HTTPException, ValueError) as e:
+                    raise _Retry(f"{type(e).__name__}: {e}") from None
+                if status != 200:
+                    detail = redact(raw[:4096].decode("utf-8", "replace"), self._key)[:300]
+                    if status not in _RETRY_STATUS and status < 500:
+                        raise APIError(f"{self.url}: HTTP {status} (not retryable): {detail}")
+                    try:
+                        retry_after = float(resp_headers.get("Retry-After") or 0)
+                    except ValueError:
+                        retry_after = 0.0
+                    raise _Retry(f"HTTP {status}: {detail}")
                 try:
-                    retry_after = float(e.headers.get("Retry-After") or 0)
-                except ValueError:
-                    retry_after = 0.0
-            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
-                last = f"{type(e).__name__}: {e}"
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:  # incl. JSONDecodeError
-                last = f"malformed response: {type(e).__name__}: {e}"
-        raise APIError(f"{self.url}: giving up after {self.max_retries + 1} attempts; last error: {last}")
+                    answer = json.loads(raw)
+                except ValueError as e:  # incl. JSONDecodeError and bad UTF-8: an HTML page, a cut body
+                    raise _Retry(f"malformed response: {type(e).__name__}: {e}") from None
+                usage, known = _read_usage(answer)
+                for k, v in {**usage, "usage_unknown": int(not known)}.items():  # billed even if malformed
+                    spent[k] += v
+                self._count(**usage, usage_unknown=int(not known))
+                try:
+                    return redact(parse(answer), self._key), spent
+                except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+                    raise _Retry(f"malformed response: {type(e).__name__}: {e}") from None
+            except _Retry as e:
+                last = redact(str(e), self._key)
+        raise APIError(f"{self.url}: giving up after {self.max_retries + 1} attempts ({spent['prompt_tokens']} "
+                       f"prompt and {spent['completion_tokens']} completion tokens billed); last error: {last}")
 
     def _map(self, fn, xs):
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, self.max_concurrency))
@@ -483,7 +581,11 @@ class OpenAILabeler:
 
         def parse(answer):
             first = answer["choices"][0]["logprobs"]["content"][0]
-            top = [(t["token"], float(t["logprob"])) for t in first["top_logprobs"]]
+            top = [(t["token"], t["logprob"]) for t in first["top_logprobs"]]
+            try:
+                top = [(tok, _logprob(lp)) for tok, lp in top]
+            except ValueError as e:  # a broken server, not a flaky one: no retry, and no made-up label
+                return {"probs": None, "mass": None, "null_reason": f"the API returned an {e}"}
             raw = [sum(math.exp(lp) for tok, lp in top if tok in v) for v in variants]
             best = max(top, key=lambda t: t[1])[0] if top else None
             return normalise(raw, f"neither of {list(choices)} in the top-{len(top)} logprobs (top token {best!r})")
@@ -561,7 +663,7 @@ class JudgeConfig:
     retry_max_delay: float = 60.0
     """openai: longest backoff delay in seconds"""
     request_timeout: float = 60.0
-    """openai: seconds before a request counts as timed out"""
+    """openai: deadline in seconds for a whole request (connect, send, the last byte of the answer), then a retry"""
     price_input_per_1m: float = 0.0
     """openai / vllm: price per million prompt tokens, for the cost estimate in metrics.json"""
     price_output_per_1m: float = 0.0
@@ -714,8 +816,9 @@ def human_agreement(rows: list[dict], a_preferred: dict[str, bool]) -> dict:
 
 
 def usage_summary(rows: list[dict], price_input_per_1m: float = 0.0, price_output_per_1m: float = 0.0) -> dict:
-    """Tokens over all rows (so a resumed run counts the earlier runs' rows too) and their estimated cost."""
-    prompt = sum((r.get("usage") or {}).get("prompt_tokens", 0) for r in rows)
-    completion = sum((r.get("usage") or {}).get("completion_tokens", 0) for r in rows)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "estimated_cost": prompt / 1e6 * price_input_per_1m + completion / 1e6 * price_output_per_1m}
+    """Tokens over all rows (so a resumed run counts the earlier runs' rows too) and their estimated cost. With an
+    API labeler the rows count every attempt (retries included): `requests` made and `usage_unknown`, the answers
+    whose token counts could not be read (their cost is missing from the estimate)."""
+    total = {k: sum((r.get("usage") or {}).get(k, 0) for r in rows) for k in USAGE_KEYS}
+    cost = total["prompt_tokens"] / 1e6 * price_input_per_1m + total["completion_tokens"] / 1e6 * price_output_per_1m
+    return {**total, "estimated_cost": cost}

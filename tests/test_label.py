@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
-from test_judges import FakeAPI
+from test_api_faults import FakeAPI
 
 import label
 from minirlaif import synthetic
@@ -181,3 +181,30 @@ def test_align_reports_agreement_with_humans(setup, tmp_path):
     biased = run_main(setup, tmp_path / "biased", "--align", "--rule-noise", "0", "--rule-position-bias", "4")
     assert biased["agreement"] == metrics["agreement"]  # averaging the two orders cancels the bias exactly
     assert biased["agreement_order_mean"] < metrics["agreement"] and biased["mean_p_first"] > 0.6
+
+
+def test_the_key_reaches_no_file_and_no_output_when_a_server_echoes_it(setup, micro, tmp_path, monkeypatch, capsys):
+    full, _ = micro
+    key = "sk-never-written-42"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    out = tmp_path / "labels"
+    api = FakeAPI(default="echo")  # every rationale and top token is the request's Authorization header
+    try:
+        metrics = run_main(setup, out, "--labeler", "openai", "--api-base", api.url, "--api-model", "fake", "--cot",
+                           "--cot-max-tokens", "8", "--retry-base-delay", "0.001",
+                           "--candidates", str(full / "candidates.jsonl"))
+        api.default = "echo500"  # and an error body that echoes the headers
+        with pytest.raises(APIError, match="REDACTED") as e:
+            run_main(setup, tmp_path / "labels2", "--labeler", "openai", "--api-base", api.url, "--api-model",
+                     "fake", "--max-retries", "1", "--retry-base-delay", "0.001",
+                     "--candidates", str(full / "candidates.jsonl"))
+    finally:
+        api.close()
+    assert key in json.dumps(api.requests[0]["headers"])  # it was sent, and echoed back
+    assert metrics["n_null"] == 24 and metrics["requests"] == 24 * 2 * 2
+    pairs = rows(out / "pairs.jsonl")
+    assert all(r["rationale_ab"] == "Bearer [REDACTED]" for r in pairs)
+    written = [p.read_bytes() for d in (out, tmp_path / "labels2") for p in d.rglob("*") if p.is_file()]
+    assert len(written) >= 5 and not any(key.encode() in b for b in written)
+    printed = capsys.readouterr()
+    assert key not in printed.out + printed.err and key not in str(e.value)
