@@ -49,8 +49,9 @@ from minirlaif import synthetic
 from minirlaif.data import build_query, load_comparisons, load_posts
 from minirlaif.judges import (JudgeConfig, human_agreement, judge_pairs, make_labeler, position_bias,
                               resolve_device, usage_summary)
-from minirlaif.utils import (append_jsonl, config_dict, finished_metrics, parse_config, quiet_transformers, read_json,
-                             read_jsonl_resumable, set_seed, write_json, write_manifest)
+from minirlaif.utils import (CANDIDATE_SCHEMA, PAIR_SCHEMA, append_jsonl, config_dict, finished_metrics, parse_config,
+                             quiet_transformers, read_json, read_jsonl, read_jsonl_resumable, set_seed, unique_ids,
+                             write_json, write_manifest)
 
 
 @dataclass
@@ -86,7 +87,8 @@ class Config(JudgeConfig):  # the labeler's settings (--labeler, --preamble, --c
     gen_chunk: int = 256
     """posts per seeded sampling chunk; each chunk is appended to candidates.jsonl when done"""
     candidates: str = ""
-    """candidates file (default out_dir/candidates.jsonl); another run's, to label its summaries with another labeler"""
+    """candidates file (default out_dir/candidates.jsonl); another run's, to label its summaries with another labeler
+    (read only: it must hold every post's candidates)"""
     only_candidates: bool = False
     """sample the candidates and stop (on a GPU: free it before a large labeler loads)"""
     orders: str = "both"
@@ -145,11 +147,11 @@ def check_same_run(out_dir: Path, cfg: Config) -> None:
     write_json(path, cur)
 
 
-def start_over(out_dir: Path, cand_path: Path) -> None:
+def start_over(out_dir: Path, external: bool) -> None:
     for name in ("pairs.jsonl", "position_bias.json", "metrics.json", "manifest.json", "run_config.json"):
         (out_dir / name).unlink(missing_ok=True)
-    if cand_path.parent == out_dir:  # another run's candidates file is not ours to delete
-        cand_path.unlink(missing_ok=True)
+    if not external:  # another run's candidates file is not ours to delete
+        (out_dir / "candidates.jsonl").unlink(missing_ok=True)
 
 
 def chunk_seed(seed: int, k: int) -> int:
@@ -202,27 +204,31 @@ def sample_candidates(cfg: Config, posts, have: set, path: Path) -> None:
                             for j, (p, q) in enumerate(zip(chunk, built)) if p.id not in have])
 
 
-def read_unique(path: Path) -> list[dict]:
-    rows = read_jsonl_resumable(path)
-    counts = collections.Counter(r["id"] for r in rows)
-    if dup := [i for i, n in counts.items() if n > 1]:
-        raise SystemExit(f"{path}: ids written more than once ({dup[:3]}); was it appended to by two runs at once?")
-    return rows
+def read_unique(path: Path, schema: dict, resumable: bool = True) -> dict[str, dict]:
+    """{id: row} of one of our jsonl files (resumable: ours to cut after a kill; else an input, read only)."""
+    rows = read_jsonl_resumable(path, schema) if resumable else read_jsonl(path, schema)
+    return unique_ids(rows, path)
 
 
-def candidate_items(cfg: Config, cand_path: Path) -> tuple[list[dict], dict]:
-    """Candidate pairs for the unique posts of the comparisons split (sampling the missing ones first)."""
+def candidate_items(cfg: Config, cand_path: Path, external: bool) -> tuple[list[dict], dict]:
+    """Candidate pairs for the unique posts of the comparisons split (sampling the missing ones first, unless the
+    candidates are another run's file: an input, never written to)."""
     posts, stats = load_posts(cfg.comparisons, cfg.split)
     if stats.schema != "comparisons":
         raise SystemExit(f"{cfg.comparisons}: expected human comparisons (openai/summarize_from_feedback "
                          f"schema), found the {stats.schema!r} schema")
     posts = posts[:cfg.max_posts] if cfg.max_posts > 0 else posts
-    have = {r["id"] for r in read_unique(cand_path)}
-    if any(p.id not in have for p in posts):
-        sample_candidates(cfg, posts, have, cand_path)
-    cands = {r["id"]: r for r in read_unique(cand_path)}
-    items = [{**cands[p.id], "facts": p.facts} for p in posts]
-    return items, {"n_posts": len(posts), "n_comparison_rows": stats.n_read, **candidate_stats(items)}
+    have = read_unique(cand_path, CANDIDATE_SCHEMA, resumable=not external)
+    if missing := [p.id for p in posts if p.id not in have]:
+        if external:
+            raise SystemExit(f"{cand_path} (--candidates) holds no candidates for {len(missing)} of the "
+                             f"{len(posts)} posts (e.g. {missing[:3]}); it is an input and is never written to: "
+                             f"lower --max-posts, or extend it with the run that wrote it")
+        sample_candidates(cfg, posts, set(have), cand_path)
+        have = read_unique(cand_path, CANDIDATE_SCHEMA)
+    items = [{**have[p.id], "facts": p.facts} for p in posts]
+    return items, {"n_posts": len(posts), "n_comparison_rows": stats.n_read,
+                   "n_skipped_empty": stats.n_skipped_empty, **candidate_stats(items)}
 
 
 def candidate_stats(items: list[dict]) -> dict:
@@ -247,7 +253,7 @@ def align_items(cfg: Config) -> tuple[list[dict], dict]:
 
 def label_items(cfg: Config, items: list[dict], path: Path) -> tuple[list[dict], object]:
     """Label the items missing from pairs.jsonl, appending after each chunk; all rows of `items`, in order."""
-    done = {r["id"] for r in read_unique(path)}
+    done = read_unique(path, PAIR_SCHEMA)
     todo = [it for it in items if it["id"] not in done]
     labeler = None
     if todo:
@@ -256,7 +262,7 @@ def label_items(cfg: Config, items: list[dict], path: Path) -> tuple[list[dict],
             chunk = todo[i:i + cfg.label_chunk]
             judged = judge_pairs(labeler, chunk, cfg.orders, cfg.seed)
             append_jsonl(path, [pair_row(it, j) for it, j in zip(chunk, judged)])
-    rows = {r["id"]: r for r in read_unique(path)}
+    rows = read_unique(path, PAIR_SCHEMA)
     return [rows[it["id"]] for it in items], labeler
 
 
@@ -313,13 +319,15 @@ def print_report(pb: dict, metrics: dict) -> None:
 
 def main(cfg: Config) -> dict:
     out_dir = default_out_dir(cfg)
-    cand_path = Path(cfg.candidates) if cfg.candidates else out_dir / "candidates.jsonl"
+    own = out_dir / "candidates.jsonl"
+    cand_path = Path(cfg.candidates) if cfg.candidates else own
+    external = cand_path.resolve() != own.resolve()  # another run's file: read only
     if cfg.resume and (done := finished_metrics(out_dir, cfg)) is not None:
         print(f"{out_dir} already holds a finished run of this config; skipping (--no-resume to redo it)")
         return done
     out_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
-        start_over(out_dir, cand_path)
+        start_over(out_dir, external)
     check_same_run(out_dir, cfg)
     set_seed(cfg.seed)
     quiet_transformers()
@@ -334,7 +342,7 @@ def main(cfg: Config) -> dict:
         items, info = align_items(cfg)
         inputs = {"comparisons": cfg.comparisons}
     else:
-        items, info = candidate_items(cfg, cand_path)
+        items, info = candidate_items(cfg, cand_path, external)
         inputs = {"sft_model": cfg.sft_path, "comparisons": cfg.comparisons, "candidates": cand_path}
         if cfg.only_candidates:
             print(f"{len(items)} candidate pairs in {cand_path}; stopping (--only-candidates)")

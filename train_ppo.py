@@ -46,9 +46,9 @@ from minirlaif.losses import (AdaptiveKLController, FixedKLController, entropy_f
 from minirlaif.models import (disable_dropout, last_index, load_causal_lm, load_scalar_model, load_tokenizer, pad_batch,
                               response_logits, sequence_rewards, set_attention, token_scores)
 from minirlaif.utils import (MetricLogger, all_reduce, all_reduce_grads, append_jsonl, autocast, batch_indices,
-                             cleanup_dist, clear_checkpoint, config_dict, finished_metrics, load_checkpoint,
-                             parse_config, quiet_transformers, save_checkpoint, set_seed, setup_dist, truncate_jsonl,
-                             write_json, write_manifest)
+                             cleanup_dist, clear_checkpoint, config_dict, finished_metrics, first_last,
+                             load_checkpoint, parse_config, quiet_transformers, read_jsonl_resumable, save_checkpoint,
+                             set_seed, setup_dist, stop_non_finite, truncate_jsonl, write_json, write_manifest)
 
 
 @dataclass
@@ -324,7 +324,7 @@ def main(cfg: Config) -> dict:
         print(f"ppo: {len(queries)} queries, {num_updates} updates of {cfg.batch_size} episodes, "
               f"world {dist.world_size}, device {device}")
 
-    history, t_start, start_update = [], time.time(), update
+    t_start, start_update = time.time(), update
     bar = tqdm(range(update, num_updates), initial=update, total=num_updates, desc="ppo", disable=not master)
     for update in bar:
         # 2-3. rollout on this rank's share of the global batch
@@ -356,8 +356,7 @@ def main(cfg: Config) -> dict:
                     stats = {}
                     for name, loss in ppo_losses(policy, value_model, mb, num_valid, cfg, device, stats):
                         if not torch.isfinite(loss):
-                            raise SystemExit(f"non-finite {name} loss at update {update + 1}; stopping. The last "
-                                             f"checkpoint in {ckpt_dir} is intact.")
+                            stop_non_finite(f"{name} loss", update + 1, ckpt_dir)
                         loss.backward()
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
@@ -390,7 +389,6 @@ def main(cfg: Config) -> dict:
         if device.type == "cuda":
             metrics["mem/peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         kl_ctl.update(metrics["objective/kl"], cfg.batch_size)
-        history.append(metrics)
         logger.log(update + 1, metrics, echo=tqdm.write)
 
         if master and (update + 1) % cfg.sample_every == 0:
@@ -403,14 +401,12 @@ def main(cfg: Config) -> dict:
     bar.close()
 
     # final numbers and save
-    tail = history[-max(1, len(history) // 5):]  # the last 20% of updates
-    mean = lambda key, rows: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     metrics = {"updates": num_updates, "episodes": num_updates * cfg.batch_size,
                "train_time_s": time.time() - t_start, "updates_this_run": num_updates - start_update}
-    if history:
-        for key in ("objective/scores", "objective/kl", "objective/rlhf_reward", "rollout/eos_rate",
-                    "rollout/response_len", "eps"):
-            metrics[f"{key}_first"], metrics[f"{key}_last"] = history[0][key], mean(key, tail)
+    if master:  # first / last from every update's row on disk, not only this process's (a resumed run's)
+        metrics.update(first_last(read_jsonl_resumable(logger.path), (
+            "objective/scores", "objective/kl", "objective/rlhf_reward", "rollout/eos_rate", "rollout/response_len",
+            "eps")))
     if master:
         policy.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)

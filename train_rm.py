@@ -54,7 +54,8 @@ from minirlaif.reward import (HUMAN_CONFIDENCE, Encoder, PairRewards, evaluate_p
                               score_pairs, split_by_id, training_labels)
 from minirlaif.utils import (MetricLogger, all_reduce, autocast, batch_indices, cleanup_dist, clear_checkpoint,
                              config_dict, finished_metrics, load_checkpoint, parse_config, quiet_transformers,
-                             save_atomic, save_checkpoint, set_seed, setup_dist, write_json, write_manifest)
+                             save_atomic, save_checkpoint, set_seed, setup_dist, stop_non_finite, write_json,
+                             write_manifest)
 
 
 @dataclass
@@ -298,10 +299,12 @@ def main(cfg: Config) -> dict:
             sums += torch.stack([loss.detach(), correct.sum().float(), decided.sum().float(),
                                  (r_a + r_b).detach().sum()])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         sums = all_reduce(sums, dist)
         last_loss = sums[0].item()
+        if not (math.isfinite(last_loss) and math.isfinite(grad_norm.item())):  # before the step can spread it
+            stop_non_finite(f"loss ({last_loss:.4g}) or gradient norm ({grad_norm.item():.4g})", step + 1, ckpt_dir)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
         metrics = {"rm/loss": last_loss, "rm/acc": (sums[1] / sums[2].clamp(min=1)).item(),
@@ -312,24 +315,24 @@ def main(cfg: Config) -> dict:
             metrics.update({"rm/val_loss": v["loss"], "rm/val_acc": v["acc"]})
             if v["loss"] < best["loss"]:  # checkpoint selection on validation only
                 best = {"loss": v["loss"], "step": done, "acc": v["acc"]}
-                if master:
-                    save_atomic({"model": model.state_dict(), "step": done}, ckpt_dir / "best.pt")
+                if master:  # named by step: the best.pt the last state.pt refers to stays until the next one
+                    save_atomic({"model": model.state_dict(), "step": done}, ckpt_dir / f"best_step{done}.pt")
         if done % cfg.log_every == 0 or "rm/val_loss" in metrics:
             metrics["rm/pairs_per_s"] = (done - start_step) * cfg.batch_size / (time.time() - t0)
             logger.log(done, metrics, echo=tqdm.write)
         if done % cfg.checkpoint_every == 0 and done < total_steps:
             save_checkpoint(ckpt_dir, done, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                              "best": best, "config": config_dict(cfg)}, dist)
-        if not math.isfinite(last_loss):
-            raise SystemExit(f"non-finite loss at step {done}; the last checkpoint in {ckpt_dir} is intact")
+            for old in ckpt_dir.glob("best_step*.pt") if master else ():  # state.pt now names best["step"]'s
+                if old.name != f"best_step{best['step']}.pt":
+                    old.unlink()
     bar.close()
     train_time = time.time() - t0
 
     # the best validation checkpoint, shifted so that reference summaries score 0 on average
     if dist.ddp:
-        torch.distributed.barrier()  # best.pt is written by rank 0
-    saved = torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=False)
-    assert saved["step"] == best["step"], f"{ckpt_dir / 'best.pt'} is from step {saved['step']}, not {best['step']}"
+        torch.distributed.barrier()  # best_step*.pt is written by rank 0
+    saved = torch.load(ckpt_dir / f"best_step{best['step']}.pt", map_location=device, weights_only=True)
     model.load_state_dict(saved["model"])
     model.eval()
     ref_posts, _ = load_posts(cfg.reference_dataset, "train")

@@ -36,7 +36,7 @@ from minirlaif.models import (fuse_gelu, load_causal_lm, load_tokenizer, pad_bat
                               tiny_gpt2_config, train_bpe_tokenizer)
 from minirlaif.utils import (MetricLogger, all_reduce, autocast, batch_indices, cleanup_dist, clear_checkpoint,
                              config_dict, finished_metrics, load_checkpoint, parse_config, quiet_transformers,
-                             save_checkpoint, set_seed, setup_dist, write_json, write_manifest)
+                             save_checkpoint, set_seed, setup_dist, stop_non_finite, write_json, write_manifest)
 
 
 @dataclass
@@ -273,9 +273,11 @@ def main(cfg: Config) -> dict:
                 (loss * dist.world_size).backward()  # DDP averages over ranks; undo it to get the global sum
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        last_loss = all_reduce(loss_sum, dist).item()
+        if not (math.isfinite(last_loss) and math.isfinite(grad_norm.item())):  # before the step can spread it
+            stop_non_finite(f"loss ({last_loss:.4g}) or gradient norm ({grad_norm.item():.4g})", step + 1, ckpt_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        last_loss = all_reduce(loss_sum, dist).item()
 
         done = step + 1
         metrics = {"sft/loss": last_loss, "sft/lr": optimizer.param_groups[0]["lr"], "sft/grad_norm": grad_norm.item()}
@@ -287,8 +289,6 @@ def main(cfg: Config) -> dict:
         if done % cfg.checkpoint_every == 0 and done < total_steps:
             save_checkpoint(ckpt_dir, done, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                              "config": config_dict(cfg)}, dist)
-        if not math.isfinite(last_loss):
-            raise SystemExit(f"non-finite loss at step {done}; the last checkpoint in {ckpt_dir} is intact")
     bar.close()
 
     # final numbers and save

@@ -27,6 +27,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 import numpy as np
 import torch
 
+from minirlaif.data import DataError
+
 # ----------------------------------------------------------------------------------------------------------------
 # config: a @dataclass with one docstring per field becomes an argparse CLI
 
@@ -113,7 +115,11 @@ def set_seed(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global RNG's state in types torch.load(weights_only=True) reads (no pickled numpy arrays)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -121,7 +127,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -239,11 +246,86 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def read_jsonl_resumable(path: str | Path) -> list[dict]:
-    """Rows of an append-only jsonl that a kill may have cut mid-line.
+# Row schemas of the jsonl files the pipeline writes and reads back: field -> kind or tuple of kinds (None: null
+# allowed); a field name ending in "?" may be absent. Kinds: a Python type (int excludes bool; float takes an int
+# too, but no NaN or infinity), TOKENS or PROB.
+TOKENS = "a list of token ids"  # non-negative ints: a float or bool id is an error, never truncated
+PROB = "a probability"  # a finite number in [0, 1]
+CANDIDATE_SCHEMA = {"id": str, "subreddit": (str, None), "title": (str, None), "post": str, "query": str,
+                    "query_truncated": bool, "summary_a": str, "summary_b": str, "tokens_a": TOKENS,
+                    "tokens_b": TOKENS}
+PAIR_SCHEMA = {"id": str, "subreddit": (str, None), "title": (str, None), "post": str, "summary_a": str,
+               "summary_b": str, "p_a": (PROB, None), "p_a_ab?": (PROB, None), "p_a_ba?": (PROB, None),
+               "null_reason?": (str, None), "tokens_a?": (TOKENS, None), "tokens_b?": (TOKENS, None)}
+
+
+def _is_kind(v, kind) -> bool:
+    if kind is None:
+        return v is None
+    if kind is TOKENS:
+        return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v)
+    if kind is PROB:
+        return _is_kind(v, float) and 0.0 <= v <= 1.0
+    if kind is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+    if kind is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, kind)
+
+
+def check_row(row, schema: dict, loc: str) -> dict:
+    """`row` if it matches `schema` (see CANDIDATE_SCHEMA); else a DataError naming `loc` (path:line) and the field."""
+    if not isinstance(row, dict):
+        raise DataError(f"{loc}: expected a JSON object per line, got {type(row).__name__}")
+    for key, kinds in schema.items():
+        name = key.rstrip("?")
+        if name not in row:
+            if key.endswith("?"):
+                continue
+            raise DataError(f"{loc}: missing required field '{name}'")
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if not any(_is_kind(row[name], k) for k in kinds):
+            want = " or ".join("null" if k is None else k if isinstance(k, str) else k.__name__ for k in kinds)
+            raise DataError(f"{loc}: field '{name}' must be {want}, got {type(row[name]).__name__} "
+                            f"{str(row[name])[:40]!r}")
+    return row
+
+
+def read_jsonl(path: str | Path, schema: dict | None = None) -> list[dict]:
+    """Rows of a jsonl file that is an input (another stage's, or given by flag): read only, never changed.
+
+    Unlike read_jsonl_resumable, a complete last line without a trailing newline is a row; any bad line raises a
+    DataError naming path:line.
+    """
+    rows = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if raw.strip():
+                try:
+                    row = json.loads(raw)
+                except ValueError as e:
+                    raise DataError(f"{path}:{lineno}: malformed JSON line ({e})") from None
+                rows.append(check_row(row, schema or {}, f"{path}:{lineno}"))
+    return rows
+
+
+def unique_ids(rows: list[dict], path: str | Path, key: str = "id") -> dict:
+    """{row[key]: row}; an id written twice is an error (naming the file), never a row counted twice."""
+    out = {}
+    for i, r in enumerate(rows):
+        if r[key] in out:
+            raise DataError(f"{path}: id {r[key]!r} is written more than once (rows {list(out).index(r[key]) + 1} "
+                            f"and {i + 1}); was the file appended to by two runs at once?")
+        out[r[key]] = r
+    return out
+
+
+def read_jsonl_resumable(path: str | Path, schema: dict | None = None) -> list[dict]:
+    """Rows of an append-only jsonl this stage writes, which a kill may have cut mid-line.
 
     A partial last line (no trailing newline, or not valid JSON) is the row that was in flight: it is cut off the
-    file so appending continues cleanly. A bad line anywhere else is real corruption and raises, naming the line.
+    file so appending continues cleanly. A bad line anywhere else is real corruption and raises, naming the line;
+    so does a row that does not match `schema` (check_row).
     """
     path = Path(path)
     if not path.exists():
@@ -258,13 +340,15 @@ def read_jsonl_resumable(path: str | Path) -> list[dict]:
         try:
             if last:  # no newline after it: written only partly
                 raise ValueError("unterminated")
-            rows.append(json.loads(line))
-            good_bytes += len(line) + 1
+            row = json.loads(line)
         except ValueError:
             if not last:
-                raise ValueError(f"{path}:{i + 1}: malformed JSON line in a resumable output file") from None
+                raise DataError(f"{path}:{i + 1}: malformed JSON line in a resumable output file") from None
             with open(path, "r+b") as fh:
                 fh.truncate(good_bytes)
+            break
+        rows.append(check_row(row, schema or {}, f"{path}:{i + 1}"))
+        good_bytes += len(line) + 1
     return rows
 
 
@@ -321,20 +405,53 @@ def sha256_path(path: str | Path) -> str | None:
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict, dist: Dist, generators=()) -> None:
-    """Write a resumable checkpoint of `step`.
+    """Write a resumable checkpoint of `step`, unless its state holds a non-finite number (then stop, saving none).
 
     Every rank writes its RNG state (global RNGs plus the given torch.Generators) under a step-tagged name first;
-    the master then writes state.pt, whose presence marks the checkpoint complete. A kill between the two leaves
-    the previous state.pt with its own RNG files (the two newest per rank are kept).
+    after a barrier (every rank's file is on disk) the master writes state.pt, whose presence marks the checkpoint
+    complete. A kill before that leaves the previous state.pt with its own RNG files (the two newest per rank are
+    kept). Everything is saved in types that `torch.load(weights_only=True)` reads back.
     """
     ckpt_dir = Path(ckpt_dir)
+    if (bad := non_finite_tensors(state)) and dist.master_process:
+        stop_non_finite(f"values in the state of step {step} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})",
+                        step, ckpt_dir)
+    elif bad:
+        raise SystemExit(f"non-finite values in the state of step {step}; stopping (rank {dist.rank})")
     save_atomic({"step": step, "rng": rng_state(), "generators": [g.get_state() for g in generators]},
                 ckpt_dir / f"rng_rank{dist.rank}_step{step}.pt")
     for old in sorted(ckpt_dir.glob(f"rng_rank{dist.rank}_step*.pt"),
                       key=lambda p: int(p.stem.rsplit("step", 1)[1]))[:-2]:
         old.unlink()
+    if dist.ddp:  # state.pt must never name a step whose RNG file some rank has not written yet
+        torch.distributed.barrier()
     if dist.master_process:
         save_atomic({**state, "step": step}, ckpt_dir / "state.pt")
+
+
+def non_finite_tensors(obj, prefix: str = "") -> list[str]:
+    """Names (dotted paths) of the floating-point tensors in a nested state that hold a NaN or an infinity."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix or "tensor"] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [name for k, v in items for name in non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+
+
+def checkpoint_step(ckpt_dir: str | Path) -> int | None:
+    """The step of the complete checkpoint in ckpt_dir, or None when there is none."""
+    path = Path(ckpt_dir) / "state.pt"
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+
+
+def stop_non_finite(what: str, step: int, ckpt_dir: str | Path):
+    """Stop a run that met a NaN or an infinity, saying truthfully what is on disk (nothing of this step is)."""
+    saved = checkpoint_step(ckpt_dir)
+    where = (f"the checkpoint of step {saved} in {ckpt_dir} is intact (the same command resumes from it and meets "
+             f"the same values again: change the config, e.g. a lower --lr, and use --no-resume)" if saved is not None
+             else f"no checkpoint was saved before it ({ckpt_dir} holds none); a rerun starts over")
+    raise SystemExit(f"non-finite {what} at step {step}; stopping without saving it. {where}")
 
 
 def load_checkpoint(ckpt_dir: str | Path, cfg, dist: Dist, generators=(), map_location=None) -> dict | None:
@@ -342,9 +459,9 @@ def load_checkpoint(ckpt_dir: str | Path, cfg, dist: Dist, generators=(), map_lo
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "state.pt").exists():
         return None
-    state = torch.load(ckpt_dir / "state.pt", map_location=map_location, weights_only=False)
+    state = torch.load(ckpt_dir / "state.pt", map_location=map_location, weights_only=True)
     check_resume_config(state["config"], cfg, str(ckpt_dir))
-    rng = torch.load(ckpt_dir / f"rng_rank{dist.rank}_step{state['step']}.pt", weights_only=False)
+    rng = torch.load(ckpt_dir / f"rng_rank{dist.rank}_step{state['step']}.pt", weights_only=True)
     set_rng_state(rng["rng"])
     for g, g_state in zip(generators, rng["generators"]):
         g.set_state(g_state)
@@ -466,6 +583,20 @@ class MetricLogger:
         """On resume, drop rows logged after the checkpoint, so no step appears twice."""
         if self.enabled:
             truncate_jsonl(self.path, "step", step)
+
+
+def first_last(rows: list[dict], keys) -> dict[str, float]:
+    """{key_first: the first row's value, key_last: the mean over the last 20% of the rows} for each key.
+
+    Read from a run's whole metrics.jsonl, so a run resumed after a kill reports what an uninterrupted one does.
+    """
+    out = {}
+    rows = [r for r in rows if all(k in r for k in keys)]
+    if rows:
+        tail = rows[-max(1, len(rows) // 5):]
+        for key in keys:
+            out[f"{key}_first"], out[f"{key}_last"] = rows[0][key], sum(r[key] for r in tail) / len(tail)
+    return out
 
 
 def _fmt(v: float) -> str:

@@ -208,3 +208,23 @@ def test_the_key_reaches_no_file_and_no_output_when_a_server_echoes_it(setup, mi
     assert len(written) >= 5 and not any(key.encode() in b for b in written)
     printed = capsys.readouterr()
     assert key not in printed.out + printed.err and key not in str(e.value)
+
+
+def test_candidates_of_another_run_are_read_only(setup, micro, tmp_path):
+    """--candidates FILE is an input: never appended to nor cut, even when its complete last line lacks a newline."""
+    full, _ = micro
+    theirs = tmp_path / "theirs" / "candidates.jsonl"
+    theirs.parent.mkdir()
+    theirs.write_bytes((full / "candidates.jsonl").read_bytes().rstrip(b"\n"))  # complete, no trailing newline
+    before = theirs.read_bytes()
+    out = tmp_path / "mine"
+    metrics = run_main(setup, out, "--candidates", str(theirs))
+    assert theirs.read_bytes() == before
+    assert metrics["n_pairs"] == 24 and len(rows(out / "pairs.jsonl")) == 24  # the last row was labeled too
+    assert not (out / "candidates.jsonl").exists()
+    # a file that lacks some posts' candidates is refused, not extended
+    cut(theirs, 16, partial=False)
+    short = theirs.read_bytes()
+    with pytest.raises(SystemExit, match="no candidates for 8 of the 24 posts"):
+        run_main(setup, tmp_path / "mine2", "--candidates", str(theirs))
+    assert theirs.read_bytes() == short

@@ -270,6 +270,14 @@ def test_kill_and_resume_reproduces_the_uninterrupted_metrics(setup, tmp_path):
     assert_same_metrics(metric_rows(tmp_path / "ref"), metric_rows(out))
     samples = [json.loads(line)["update"] for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples == sorted(samples) and len(samples) == len(set(samples)) * 2  # n_samples=2 per update, once
+    # metrics.json's first / last numbers cover every update, not only the resumed process's
+    final = {d: json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "ref", out)}
+    assert final[out]["updates_this_run"] < final[out]["updates"]
+    summary = [k for k in final[out] if k.endswith(("_first", "_last")) and not k.startswith("eps")]
+    assert len(summary) == 10
+    for k in summary:
+        assert final[out][k] == pytest.approx(final[tmp_path / "ref"][k], rel=1e-4, abs=1e-6), k
+    assert final[out]["objective/kl_first"] == pytest.approx(0, abs=1e-5)  # update 1: sampled from the reference
 
 
 def test_two_process_torchrun_update_matches_one_process(setup, tmp_path):

@@ -315,6 +315,26 @@ def test_stop_after_a_checkpoint_and_resume_matches_an_uninterrupted_run(env, ai
         assert resumed[k] == pytest.approx(ref_metrics[k], rel=1e-5, abs=1e-6), k
 
 
+def test_a_non_finite_loss_stops_without_saving_non_finite_weights(env, tmp_path, capsys):
+    """lr 1e10: no checkpoint (state.pt, best) ever holds a NaN, and the message says what is on disk."""
+    d, _ = env
+    out = tmp_path / "nan"
+    cfg = parse_config(train_rm.Config, train_rm.PRESETS,
+                       micro_args(d, out, "--lr", "1e10", "--warmup-steps", "0", "--checkpoint-every", "1",
+                                  "--eval-every", "1"))
+    with pytest.raises(SystemExit, match="non-finite") as stop:
+        train_rm.main(cfg)
+    for f in [*(out / "checkpoint").glob("best*.pt"), *(out / "checkpoint").glob("state.pt")]:
+        saved = torch.load(f, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in saved["model"].values()), f.name
+    if (out / "checkpoint" / "state.pt").exists():
+        step = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
+        assert f"the checkpoint of step {step} in" in str(stop.value)
+    else:
+        assert "no checkpoint was saved" in str(stop.value)
+    assert not (out / "metrics.json").exists()
+
+
 def test_human_feedback_run_with_default_out_dir(env, tmp_path, monkeypatch):
     d, _ = env
     monkeypatch.chdir(tmp_path)

@@ -107,6 +107,22 @@ def test_kill_and_resume_ends_where_an_uninterrupted_run_ends(task, tmp_path):
         assert r1["sft/loss"] == pytest.approx(r2["sft/loss"], rel=1e-5)
 
 
+def test_a_non_finite_loss_stops_without_saving_non_finite_weights(task, tmp_path):
+    """lr 1e10 blows the weights up: no checkpoint with a NaN is ever written, and the message says what is on disk."""
+    out = tmp_path / "nan"
+    res = run(micro_args(task, out, "--lr", "1e10", "--checkpoint-every", "1", "--warmup-steps", "0", "--n-judge",
+                         "0"))
+    assert res.returncode != 0 and "non-finite" in res.stderr, res.stderr[-2000:]
+    state = out / "checkpoint" / "state.pt"
+    if state.exists():
+        saved = torch.load(state, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in saved["model"].values())
+        assert f"the checkpoint of step {saved['step']} in" in res.stderr
+    else:
+        assert "no checkpoint was saved" in res.stderr
+    assert not (out / "model.safetensors").exists()
+
+
 def test_two_process_torchrun_matches_one_process(task, tmp_path):
     args = ["--n-judge", "0", "--max-steps", "6", "--log-every", "1", "--batch-size", "16",
             "--micro-batch-size", "4"]
