@@ -41,6 +41,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tqdm import tqdm
@@ -49,9 +50,9 @@ from minirlaif import synthetic
 from minirlaif.data import build_query, load_comparisons, load_posts
 from minirlaif.judges import (JudgeConfig, human_agreement, judge_pairs, make_labeler, position_bias,
                               resolve_device, usage_summary)
-from minirlaif.utils import (CANDIDATE_SCHEMA, PAIR_SCHEMA, append_jsonl, config_dict, finished_metrics, parse_config,
-                             quiet_transformers, read_json, read_jsonl, read_jsonl_resumable, set_seed, unique_ids,
-                             write_json, write_manifest)
+from minirlaif.utils import (CANDIDATE_SCHEMA, NON_NEGATIVE, PAIR_SCHEMA, append_jsonl, config_dict, finished_metrics,
+                             parse_config, quiet_transformers, read_json, read_jsonl, read_jsonl_resumable, set_seed,
+                             unique_ids, write_json, write_manifest)
 
 
 @dataclass
@@ -109,6 +110,9 @@ class Config(JudgeConfig):  # the labeler's settings (--labeler, --preamble, --c
     """rule labeler: std of Gaussian noise on its logit, seeded per (pair, order) (tiny: an imperfect labeler)"""
     rule_position_bias: float = 0.5
     """rule labeler: logit added toward the summary shown first (tiny: a position-biased labeler, as LLMs are)"""
+
+    # parse-time rules that differ from utils.FIELD_RULES: a candidate temperature of 0 means greedy
+    FIELD_RULES: ClassVar[dict] = {"temperature": NON_NEGATIVE}
 
 
 PRESETS = {

@@ -94,7 +94,7 @@ class Config:
     eval_every: int = 100
     """steps between validation losses"""
     n_val: int = 256
-    """validation examples for the validation loss"""
+    """validation examples for the validation loss (-1: the whole validation split)"""
     n_judge: int = 200
     """tiny: validation posts whose greedy summaries the rule judge scores at the end"""
     checkpoint_every: int = 100
@@ -229,7 +229,7 @@ def main(cfg: Config) -> dict:
                                                            cfg.n_positions)))
     set_attention(model, device, cfg.bf16).to(device).train()
     train, train_cuts = tokenize(train_posts, tokenizer, cfg)
-    val, _ = tokenize(val_posts[: cfg.n_val], tokenizer, cfg)
+    val, _ = tokenize(val_posts[: cfg.n_val] if cfg.n_val > 0 else val_posts, tokenizer, cfg)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * (len(train) // cfg.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.95), fused=device.type == "cuda")

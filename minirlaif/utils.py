@@ -84,8 +84,66 @@ def parse_config(cls, presets: dict[str, dict[str, Any]], argv: list[str] | None
             parser.add_argument(flag, type=tp, **kw)
     given = vars(parser.parse_args(argv))
     preset = given.get("preset", getattr(defaults, "preset", "tiny"))
-    cfg = dataclasses.replace(defaults, **{**presets.get(preset, {}), **given})
-    return resolve_paths(cfg)
+    cfg = resolve_paths(dataclasses.replace(defaults, **{**presets.get(preset, {}), **given}))
+    if errors := config_errors(cfg):
+        raise SystemExit("\n  ".join([f"{parser.prog}: bad flag values (one line per field):", *errors]))
+    return cfg
+
+
+# Every stage's numeric and choice fields are checked once, at parse time, by name: one name means one thing across
+# the scripts (README), so one table holds the rules. A Config may override a rule with a class attribute
+# `FIELD_RULES: ClassVar[dict]` (label.py: a temperature of 0 means greedy; PPO's log-probs need one > 0).
+POSITIVE = (lambda v: v > 0, "must be > 0")
+NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+POSITIVE_OR_ALL = (lambda v: v == -1 or v > 0, "must be > 0, or -1 for all / the default")
+
+
+def between(lo: float, hi: float) -> tuple:
+    return (lambda v: lo <= v <= hi, f"must be in [{lo}, {hi}]")
+
+
+def one_of(*choices: str) -> tuple:
+    return (lambda v: v in choices, f"must be one of {', '.join(choices)}")
+
+
+FIELD_RULES: dict[str, tuple] = {
+    **{name: POSITIVE for name in (
+        "batch_size", "micro_batch_size", "mini_batches", "eval_batch_size", "rm_batch_size", "gen_batch_size",
+        "judge_batch_size", "gen_chunk", "label_chunk", "judge_chunk", "checkpoint_every", "eval_every", "log_every",
+        "sample_every", "epochs", "ppo_epochs", "total_episodes", "response_length", "max_new_tokens",
+        "max_query_tokens", "max_completion_tokens", "max_summary_tokens", "cot_max_tokens", "max_concurrency",
+        "n_bootstrap", "n_reference", "n_layer", "n_head", "n_embd", "n_positions", "vocab_size",
+        "tensor_parallel_size", "kl_horizon", "request_timeout", "lr", "grad_clip", "cliprange", "cliprange_value",
+        "rule_temperature", "temperature")},
+    **{name: NON_NEGATIVE for name in (
+        "warmup_steps", "weight_decay", "center_coef", "kl_coef", "kl_target", "vf_coef", "shots", "max_retries",
+        "retry_base_delay", "retry_max_delay", "price_input_per_1m", "price_output_per_1m", "rule_noise", "n_judge",
+        "n_samples", "cpu_threads")},
+    **{name: POSITIVE_OR_ALL for name in (
+        "max_steps", "max_train_posts", "max_posts", "max_pairs", "n_val", "n_human_eval", "n_rm_eval", "n",
+        "rollout_batch_size", "value_lr")},
+    "min_lr_ratio": between(0, 1), "gamma": between(0, 1), "lam": between(0, 1), "val_frac": between(0, 0.99),
+    "test_frac": between(0, 0.99), "gpu_memory_utilization": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "min_confidence": between(0, 9), "tie_eps": (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+    "top_logprobs": between(1, 20),
+    "kl_estimator": one_of("k1", "k2", "k3"), "feedback": one_of("ai", "human"), "labels": one_of("soft", "hard"),
+    "orders": one_of("both", "ab", "random"), "lc_feature": one_of("log_ratio", "ratio"),
+    "preamble": one_of("base", "detailed"), "labeler": one_of("rule", "hf", "vllm", "openai"),
+    "judge": one_of("rule", "hf", "vllm", "openai"),
+}
+
+
+def config_errors(cfg) -> list[str]:
+    """One message per field of `cfg` whose value breaks its rule in FIELD_RULES (or the Config's FIELD_RULES)."""
+    rules = {**FIELD_RULES, **getattr(type(cfg), "FIELD_RULES", {})}
+    errors = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in rules and not isinstance(v, bool):
+            ok, text = rules[f.name]
+            if not ok(v) or (isinstance(v, float) and not np.isfinite(v)):
+                errors.append(f"--{f.name.replace('_', '-')} {text}, got {v!r}")
+    return errors
 
 
 def resolve_paths(cfg):

@@ -1,5 +1,6 @@
 """Shared helpers: the config CLI, resumable jsonl, hashes, finished-run detection."""
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from minirlaif import utils
+from minirlaif.utils import parse_config
 
 
 @dataclass
@@ -145,3 +147,72 @@ def test_bf16_is_on_for_gpt2_large_and_off_for_the_cpu_presets(script):
     for preset, bf16 in (("tiny", False), ("micro", False), ("gpt2-large", True)):
         assert utils.parse_config(mod.Config, mod.PRESETS, ["--preset", preset]).bf16 is bf16, preset
     assert utils.parse_config(mod.Config, mod.PRESETS, ["--bf16"]).bf16 is True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parse-time validation of every stage's config
+
+STAGES = ("train_sft", "label", "train_rm", "train_ppo", "evaluate")
+# numeric fields any value of which can be meant (a seed, a signed bias or penalty)
+UNCONSTRAINED = {"seed", "missing_eos_penalty", "rule_position_bias"}
+
+
+def stage_modules():
+    import importlib
+
+    return [importlib.import_module(name) for name in STAGES]
+
+
+def test_every_numeric_field_of_every_stage_has_a_rule_and_every_preset_passes():
+    from typing import get_type_hints
+
+    from minirlaif.utils import FIELD_RULES, config_errors
+
+    for mod in stage_modules():
+        hints = get_type_hints(mod.Config)
+        for f in dataclasses.fields(mod.Config):
+            if hints[f.name] in (int, float):
+                assert f.name in FIELD_RULES or f.name in UNCONSTRAINED, (mod.__name__, f.name)
+        for preset in ("tiny", *mod.PRESETS):
+            assert config_errors(parse_config(mod.Config, mod.PRESETS, ["--preset", preset])) == []
+
+
+@pytest.mark.parametrize("stage,flag,value,message", [
+    ("train_sft", "--micro-batch-size", "0", "must be > 0"),
+    ("train_sft", "--checkpoint-every", "0", "must be > 0"),
+    ("train_sft", "--n-val", "0", "must be > 0, or -1"),
+    ("train_sft", "--batch-size", "-4", "must be > 0"),
+    ("train_rm", "--checkpoint-every", "0", "must be > 0"),
+    ("train_rm", "--val-frac", "1.5", "must be in [0, 0.99]"),
+    ("train_ppo", "--mini-batches", "0", "must be > 0"),
+    ("train_ppo", "--response-length", "0", "must be > 0"),
+    ("train_ppo", "--temperature", "0", "must be > 0"),
+    ("train_ppo", "--temperature", "-1", "must be > 0"),
+    ("train_ppo", "--lr", "nan", "must be > 0"),
+    ("label", "--label-chunk", "0", "must be > 0"),
+    ("label", "--temperature", "-1", "must be >= 0"),
+    ("evaluate", "--n", "0", "must be > 0, or -1"),
+    ("evaluate", "--judge-chunk", "-1", "must be > 0"),
+])
+def test_a_bad_size_is_refused_at_parse_time_naming_the_flag(stage, flag, value, message):
+    import importlib
+
+    mod = importlib.import_module(stage)
+    with pytest.raises(SystemExit) as e:
+        parse_config(mod.Config, mod.PRESETS, ["--preset", "micro", flag, value])
+    assert f"{flag} {message}" in str(e.value)
+
+
+def test_every_bad_field_gets_its_own_line():
+    import train_ppo
+
+    with pytest.raises(SystemExit) as e:
+        parse_config(train_ppo.Config, train_ppo.PRESETS, ["--micro-batch-size", "0", "--mini-batches", "-1",
+                                                           "--checkpoint-every", "0", "--kl-estimator", "k9"])
+    lines = str(e.value).splitlines()
+    assert len(lines) == 5 and [ln.split()[0] for ln in lines[1:]] == [
+        "--mini-batches", "--micro-batch-size", "--kl-estimator", "--checkpoint-every"]
+    # label.py's candidates may be greedy (temperature 0), PPO's sampling may not
+    import label
+
+    assert parse_config(label.Config, label.PRESETS, ["--temperature", "0"]).temperature == 0
