@@ -62,8 +62,9 @@ from minirlaif.generation import generate_texts, vllm_generate
 from minirlaif.judges import JudgeConfig, judge_pairs, make_labeler, position_bias, resolve_device
 from minirlaif.models import load_causal_lm, load_scalar_model, load_tokenizer, set_attention
 from minirlaif.reward import HUMAN_CONFIDENCE, Encoder, evaluate_pairs, load_ai_pairs, load_human_pairs, split_by_id
-from minirlaif.utils import (append_jsonl, finished_metrics, parse_config, quiet_transformers, read_json,
-                             read_jsonl_resumable, set_seed, sha256_path, write_json, write_manifest)
+from minirlaif.utils import (append_jsonl, check_reward_model, finished_metrics, parse_config, quiet_transformers,
+                             read_json, read_jsonl, read_jsonl_resumable, set_seed, sha256_path, write_json,
+                             write_manifest)
 
 
 @dataclass
@@ -440,7 +441,8 @@ def rm_accuracy(name: str, path: str, cfg: Config, device: str) -> dict:
 
 def read_ppo_curves(path: str) -> dict[str, list] | None:
     """step, objective/scores, objective/kl, rollout/response_len from a PPO dir's metrics.jsonl (None if absent)."""
-    rows = [r for r in read_jsonl_resumable(Path(path) / "metrics.jsonl") if "objective/scores" in r]
+    path = Path(path) / "metrics.jsonl"  # another stage's file: read only
+    rows = [r for r in read_jsonl(path) if "objective/scores" in r] if path.is_file() else []
     if not rows:
         return None
     return {k: [r.get(k) for r in rows] for k in ("step", "objective/scores", "objective/kl", "rollout/response_len")}
@@ -642,6 +644,8 @@ def main(cfg: Config) -> dict:
         raise SystemExit(f"--judge must be one of {', '.join(JUDGES)}, got {cfg.judge!r}")
     policies = find_models(cfg.policy, {n: runs / n for n in ("sft", "ppo", "ppo_rlhf")}, "policy")
     rms = find_models(cfg.rm, {n: runs / n for n in ("rm", "rm_human")}, "rm")
+    for name, path in rms.items():
+        check_reward_model(path, f"--rm {name}=")
     if not policies:
         raise SystemExit(f"no policy to evaluate: none of sft, ppo, ppo_rlhf in {runs} holds a saved model, and no "
                          f"--policy NAME=PATH was given")
@@ -668,7 +672,10 @@ def main(cfg: Config) -> dict:
     backend = resolve_backend(cfg.backend)
 
     # 1. posts and greedy summaries of every policy (cached by policy content)
-    posts = unique_by_id(load_posts(cfg.dataset, cfg.split)[0])
+    loaded, load_stats = load_posts(cfg.dataset, cfg.split)
+    posts = unique_by_id(loaded)
+    # what was left out of the split, counted (before the first n are taken)
+    skipped = {"n_skipped_empty": load_stats.n_skipped_empty, "n_duplicate_ids": len(loaded) - len(posts)}
     posts = posts[:cfg.n] if cfg.n > 0 else posts
     has_reference = all(p.summary is not None for p in posts)
     has_facts = all(p.facts is not None for p in posts)
@@ -676,7 +683,8 @@ def main(cfg: Config) -> dict:
         raise SystemExit(f"the rule judge reads the synthetic task's facts, which {cfg.dataset} does not have; "
                          f"use --judge hf, vllm or openai")
     print(f"evaluate: {len(policies)} policies ({', '.join(policies)}), {len(rms)} reward models, {len(posts)} posts "
-          f"of {cfg.dataset}[{cfg.split}], backend {backend}, judge {cfg.judge}, device {device}")
+          f"of {cfg.dataset}[{cfg.split}] (skipped: {skipped['n_skipped_empty']} empty, {skipped['n_duplicate_ids']} "
+          f"repeated ids), backend {backend}, judge {cfg.judge}, device {device}")
     hashes = {name: sha256_path(path) for name, path in policies.items()}
     gens = {name: generate_policy(name, path, hashes[name], posts, cfg, backend, device, out_dir / "generations")
             for name, path in policies.items()}
@@ -736,7 +744,8 @@ def main(cfg: Config) -> dict:
         samples.append({"id": p.id, "post": p.post, "summaries": summaries})
     position_bias_labels = read_json(pb_path) if pb_path.is_file() else None
     result = {
-        "preset": cfg.preset, "dataset": cfg.dataset, "split": cfg.split, "n_posts": len(posts), "backend": backend,
+        "preset": cfg.preset, "dataset": cfg.dataset, "split": cfg.split, "n_posts": len(posts), **skipped,
+        "backend": backend,
         "judge": {"judge": cfg.judge, "description": judge_desc, "settings": judge_settings(cfg),
                   "tie_eps": cfg.tie_eps, "orders": "both",
                   "position_bias": position_bias(judged_rows) if judged_rows else None},
@@ -754,7 +763,7 @@ def main(cfg: Config) -> dict:
     write_json(out_dir / "eval.json", result)
     write_report(out_dir / "report.md", result, cfg, plots)
 
-    metrics = {"n_posts": len(posts), "judge": cfg.judge, "time_s": time.time() - t0}
+    metrics = {"n_posts": len(posts), **skipped, "judge": cfg.judge, "time_s": time.time() - t0}
     for c in comparisons:
         key = f"{c['policy']}_vs_{c['baseline']}"
         metrics.update({f"win_rate/{key}": c["win_rate"], f"ci95/{key}": c["ci95"], f"tie_rate/{key}": c["tie_rate"],

@@ -46,9 +46,10 @@ from minirlaif.losses import (AdaptiveKLController, FixedKLController, entropy_f
 from minirlaif.models import (disable_dropout, last_index, load_causal_lm, load_scalar_model, load_tokenizer, pad_batch,
                               response_logits, sequence_rewards, set_attention, token_scores)
 from minirlaif.utils import (MetricLogger, all_reduce, all_reduce_grads, append_jsonl, autocast, batch_indices,
-                             cleanup_dist, clear_checkpoint, config_dict, finished_metrics, first_last,
-                             load_checkpoint, parse_config, quiet_transformers, read_jsonl_resumable, save_checkpoint,
-                             set_seed, setup_dist, stop_non_finite, truncate_jsonl, write_json, write_manifest)
+                             check_reward_model, cleanup_dist, clear_checkpoint, config_dict, finished_metrics,
+                             first_last, load_checkpoint, parse_config, quiet_transformers, read_jsonl_resumable,
+                             save_checkpoint, set_seed, setup_dist, stop_non_finite, truncate_jsonl, write_json,
+                             write_manifest)
 
 
 @dataclass
@@ -282,8 +283,10 @@ def main(cfg: Config) -> dict:
         synthetic.write_task(cfg.task_dir)
     if dist.ddp:
         torch.distributed.barrier()
+    check_reward_model(cfg.rm_path, "--rm-path")
+    check_reward_model(cfg.value_path or cfg.rm_path, "--value-path" if cfg.value_path else "--rm-path")
     tokenizer = load_tokenizer(cfg.sft_path)
-    posts, _ = load_posts(cfg.dataset, cfg.split)
+    posts, post_stats = load_posts(cfg.dataset, cfg.split)
     queries = [build_query(tokenizer, p, cfg.max_query_tokens)[1] for p in posts]
 
     # 1. models: dropout off everywhere; reference and reward model frozen
@@ -402,7 +405,8 @@ def main(cfg: Config) -> dict:
 
     # final numbers and save
     metrics = {"updates": num_updates, "episodes": num_updates * cfg.batch_size,
-               "train_time_s": time.time() - t_start, "updates_this_run": num_updates - start_update}
+               "train_time_s": time.time() - t_start, "updates_this_run": num_updates - start_update,
+               "n_queries": len(queries), "n_skipped_empty": post_stats.n_skipped_empty}
     if master:  # first / last from every update's row on disk, not only this process's (a resumed run's)
         metrics.update(first_last(read_jsonl_resumable(logger.path), (
             "objective/scores", "objective/kl", "objective/rlhf_reward", "rollout/eos_rate", "rollout/response_len",

@@ -512,6 +512,18 @@ def stop_non_finite(what: str, step: int, ckpt_dir: str | Path):
     raise SystemExit(f"non-finite {what} at step {step}; stopping without saving it. {where}")
 
 
+def check_reward_model(path: str | Path, flag: str) -> None:
+    """Refuse a model that is not a reward model (a causal LM would silently get a random score head)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    arch = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in arch) or config.num_labels != 1:
+        raise SystemExit(f"{flag} {path}: not a reward model (architectures {arch}, {config.num_labels} labels); "
+                         f"give one train_rm.py saved (a *ForSequenceClassification with one label): a causal LM "
+                         f"would be scored by a new, random head")
+
+
 def load_checkpoint(ckpt_dir: str | Path, cfg, dist: Dist, generators=(), map_location=None) -> dict | None:
     """The state saved by save_checkpoint (RNGs restored as a side effect), or None when there is none."""
     ckpt_dir = Path(ckpt_dir)

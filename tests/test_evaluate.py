@@ -420,3 +420,21 @@ def test_bad_judge_settings_fail_before_any_work(env, tmp_path):
     with pytest.raises(SystemExit, match="rule judge reads the synthetic task's facts"):
         run_eval(env, tmp_path / "b", "--dataset", str(real))
     assert not (tmp_path / "b" / "generations").exists()
+
+
+def test_repeated_ids_and_empty_posts_are_counted_not_dropped_silently(env, tmp_path):
+    lines = (env["root"] / "data" / "sft" / "validation.jsonl").read_text().splitlines(keepends=True)[:10]
+    empty = {**json.loads(lines[0]), "id": "empty-one", "post": "   "}
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "validation.jsonl").write_text("".join(lines + lines[3:5]) + json.dumps(empty) + "\n")  # 13 rows
+    metrics = run_eval(env, tmp_path / "out", "--dataset", str(data), "--n", "-1", "--policy",
+                       f"sft={env['runs'] / 'sft'}", "--rm", f"rm={env['runs'] / 'rm'}")
+    assert (metrics["n_posts"], metrics["n_duplicate_ids"], metrics["n_skipped_empty"]) == (10, 2, 1)
+    assert json.loads((tmp_path / "out" / "eval.json").read_text())["n_duplicate_ids"] == 2
+
+
+def test_a_causal_lm_given_as_a_reward_model_is_refused(env, tmp_path):
+    with pytest.raises(SystemExit, match="not a reward model"):
+        run_eval(env, tmp_path / "a", "--rm", f"rm={env['runs'] / 'sft'}")
+    assert not (tmp_path / "a" / "generations").exists()

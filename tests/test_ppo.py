@@ -215,6 +215,7 @@ def test_micro_run_learns_nothing_silly_and_saves(setup, tmp_path):
     out = tmp_path / "ppo"
     metrics = train_ppo.main(parse_config(train_ppo.Config, train_ppo.PRESETS, ppo_args(setup, out)))
     assert metrics["updates"] == 3
+    assert (metrics["n_queries"], metrics["n_skipped_empty"]) == (len(setup["posts"]), 0)
     rows = metric_rows(out)
     for key in ("objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward", "ppo/policy_loss",
                 "ppo/clipfrac", "ppo/approx_kl", "ppo/value_loss", "val/clipfrac", "val/explained_variance",
@@ -224,6 +225,15 @@ def test_micro_run_learns_nothing_silly_and_saves(setup, tmp_path):
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["update"] for s in samples} == {1, 2, 3} and all("reference_score" in s for s in samples)
     assert (out / "model.safetensors").exists() and (out / "manifest.json").exists()
+
+
+def test_a_causal_lm_given_as_the_reward_or_value_model_is_refused(setup, tmp_path):
+    sft = str(setup["root"] / "sft")
+    for flag in ("--rm-path", "--value-path"):
+        with pytest.raises(SystemExit, match=f"{flag} .*not a reward model"):
+            train_ppo.main(parse_config(train_ppo.Config, train_ppo.PRESETS,
+                                        ppo_args(setup, tmp_path / "o", flag, sft)))
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
 def test_bf16_on_cpu_runs_and_stays_close_to_fp32(setup, tmp_path, monkeypatch):
