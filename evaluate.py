@@ -62,9 +62,9 @@ from minirlaif.generation import generate_texts, vllm_generate
 from minirlaif.judges import JudgeConfig, judge_pairs, make_labeler, position_bias, resolve_device
 from minirlaif.models import load_causal_lm, load_scalar_model, load_tokenizer, set_attention
 from minirlaif.reward import HUMAN_CONFIDENCE, Encoder, evaluate_pairs, load_ai_pairs, load_human_pairs, split_by_id
-from minirlaif.utils import (append_jsonl, check_reward_model, finished_metrics, parse_config, quiet_transformers,
-                             read_json, read_jsonl, read_jsonl_resumable, set_seed, sha256_path, write_json,
-                             write_manifest)
+from minirlaif.utils import (GENERATION_SCHEMA, JUDGMENT_SCHEMA, append_jsonl, check_reward_model, finished_metrics,
+                             parse_config, quiet_transformers, read_json, read_jsonl, read_jsonl_resumable, set_seed,
+                             sha256_path, unique_ids, write_json, write_manifest)
 
 
 @dataclass
@@ -291,7 +291,7 @@ def generate_policy(name: str, path: str, sha256: str, posts, cfg: Config, backe
                       "backend": backend})
     cache = cache_dir / f"{name}.{key}.jsonl"
     cache.parent.mkdir(parents=True, exist_ok=True)
-    have = {r["id"]: r for r in read_jsonl_resumable(cache)}
+    have = unique_ids(read_jsonl_resumable(cache, GENERATION_SCHEMA), cache)
     todo = [p for p in posts if p.id not in have]
     if not todo:
         print(f"{name}: {len(posts)} summaries from the cache {cache}")
@@ -315,7 +315,7 @@ def generate_policy(name: str, path: str, sha256: str, posts, cfg: Config, backe
         del model
     if todo and torch.cuda.is_available():
         torch.cuda.empty_cache()  # free the GPU for the next policy and the judge
-    have = {r["id"]: r for r in read_jsonl_resumable(cache)}
+    have = unique_ids(read_jsonl_resumable(cache, GENERATION_SCHEMA), cache)
     return [have[p.id] for p in posts]
 
 
@@ -346,7 +346,7 @@ def judge_comparison(make_judge, posts, texts_policy: list[str], texts_baseline:
     have = {}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        have = {r["id"]: r for r in read_jsonl_resumable(cache)}
+        have = {r["id"]: r for r in read_jsonl_resumable(cache, JUDGMENT_SCHEMA)}  # the newest row of an id wins
     rows: dict[str, dict] = {}
     todo = []
     for p, a, b in zip(posts, texts_policy, texts_baseline):

@@ -35,7 +35,7 @@ from minirlaif.data import DataError, Post, build_query, format_completion, load
 from minirlaif.losses import bradley_terry_loss
 from minirlaif.models import pad_batch, sequence_rewards, shared_prefix_rewards
 from minirlaif.stats import bootstrap_ci
-from minirlaif.utils import all_reduce, autocast
+from minirlaif.utils import PAIR_SCHEMA, all_reduce, autocast, check_row
 
 HUMAN_CONFIDENCE = 8  # the "high-confidence" human comparisons of the paper and the seed (acc_human_conf8)
 
@@ -113,6 +113,7 @@ def load_ai_pairs(path: str | Path, enc: Encoder) -> tuple[list[Pair], dict]:
         raise FileNotFoundError(f"{path}: no AI labels; run label.py first (or pass --labels-path)")
     pairs, stats = [], {"n_read": 0, "n_null": 0, "null_reasons": {}}
     vocab = len(enc.tokenizer)
+    seen: dict[str, str] = {}  # id -> where it was first read: an id twice would count its pair twice
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             loc = f"{path}:{lineno}"
@@ -122,9 +123,10 @@ def load_ai_pairs(path: str | Path, enc: Encoder) -> tuple[list[Pair], dict]:
                 row = json.loads(raw)
             except ValueError as e:
                 raise DataError(f"{loc}: malformed JSON line ({e})") from None
-            missing = [k for k in ("id", "subreddit", "title", "post", "summary_a", "summary_b", "p_a") if k not in row]
-            if missing:
-                raise DataError(f"{loc}: missing required field(s) {missing}")
+            check_row(row, PAIR_SCHEMA, loc)  # types too: an int token id, a probability, strings
+            if row["id"] in seen:
+                raise DataError(f"{loc}: id {row['id']!r} already on {seen[row['id']]}; each pair must appear once")
+            seen[row["id"]] = loc
             stats["n_read"] += 1
             p = row["p_a"]
             if p is None:
@@ -132,11 +134,9 @@ def load_ai_pairs(path: str | Path, enc: Encoder) -> tuple[list[Pair], dict]:
                 stats["n_null"] += 1
                 stats["null_reasons"][reason] = stats["null_reasons"].get(reason, 0) + 1
                 continue
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-                raise DataError(f"{loc}: field 'p_a' must be a probability or null, got {p!r}")
             for k in ("tokens_a", "tokens_b"):
                 toks = row.get(k)
-                if toks is not None and (not isinstance(toks, list) or any(not 0 <= t < vocab for t in toks)):
+                if toks is not None and any(t >= vocab for t in toks):
                     raise DataError(f"{loc}: field '{k}' must be token ids of the SFT tokenizer (0..{vocab - 1})")
             post = Post(id=str(row["id"]), subreddit=row["subreddit"], title=row["title"], post=row["post"], source=loc)
             pairs.append(Pair(id=post.id, query=enc.query(post), a=enc.summary(row["summary_a"], row.get("tokens_a")),

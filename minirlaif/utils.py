@@ -316,6 +316,10 @@ PAIR_SCHEMA = {"id": str, "subreddit": (str, None), "title": (str, None), "post"
                "summary_b": str, "p_a": (PROB, None), "p_a_ab?": (PROB, None), "p_a_ba?": (PROB, None),
                "null_reason?": (str, None), "tokens_a?": (TOKENS, None), "tokens_b?": (TOKENS, None)}
 
+GENERATION_SCHEMA = {"id": str, "text": str, "token_ids": TOKENS}  # evaluate.py's summary cache
+JUDGMENT_SCHEMA = {"id": str, "sha": str, "p_a": (PROB, None), "p_a_ab": (PROB, None), "p_a_ba": (PROB, None),
+                   "identical": bool, "null_reason": (str, None)}  # evaluate.py's judgment cache
+
 
 def _is_kind(v, kind) -> bool:
     if kind is None:
