@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minirlaif import synthetic
-from minirlaif.data import build_query, format_completion, load_posts
+from minirlaif.data import build_query, encode_completion, format_completion, load_posts
 from minirlaif.generation import decode_summary, generate, row_seeds
 from minirlaif.losses import (AdaptiveKLController, FixedKLController, entropy_from_logits, explained_variance, gae,
                               kl_penalty, logprobs_from_logits, masked_mean, masked_whiten, ppo_policy_loss,
@@ -244,7 +244,7 @@ def ppo_losses(policy, value_model, mb: dict, num_valid, cfg: Config, device, st
     with torch.no_grad():
         stats["objective/entropy"] = masked_mean(entropy_from_logits(logits, cfg.temperature), m, num_valid=num_valid)
     stats.update({"ppo/policy_loss": pg_loss.detach(), "ppo/clipfrac": pg_stats["clipfrac"],
-                  "ppo/approx_kl": pg_stats["approx_kl"]})
+                  "ppo/approx_kl": pg_stats["approx_kl"], "ppo/ratio_mean": pg_stats["ratio_mean"]})
     yield "policy", pg_loss
     with autocast(device, cfg.bf16):
         values = response_values(value_model, ids, mask, R)  # (b, R)
@@ -292,7 +292,9 @@ def main(cfg: Config) -> dict:
     # 1. models: dropout off everywhere; reference and reward model frozen
     policy = disable_dropout(load_causal_lm(cfg.sft_path)).to(device).train()
     ref_policy = disable_dropout(load_causal_lm(cfg.sft_path)).to(device).eval().requires_grad_(False)
-    value_model = disable_dropout(load_scalar_model(cfg.value_path or cfg.rm_path, pad_token_id=tokenizer.pad_token_id))
+    # a value model started from a causal LM gets a new head seeded by cfg.seed, the same on every rank
+    value_model = disable_dropout(load_scalar_model(cfg.value_path or cfg.rm_path, pad_token_id=tokenizer.pad_token_id,
+                                                    head_seed=cfg.seed))
     value_model = value_model.to(device).train()
     reward_model = load_scalar_model(cfg.rm_path, pad_token_id=tokenizer.pad_token_id)
     reward_model = disable_dropout(reward_model).to(device).eval().requires_grad_(False)
@@ -434,9 +436,10 @@ def write_samples(path: Path, update: int, batch: dict, posts, idx: list[int], t
         response = batch["response"][i][batch["response_mask"][i].bool()].tolist()
         ref_score = None
         if post.summary is not None:  # the RM's score of the dataset's reference summary, for scale
-            ref = tokenizer(format_completion(post.summary, tokenizer.eos_token), add_special_tokens=False)
+            ref = encode_completion(tokenizer, build_query(tokenizer, post, cfg.max_query_tokens)[0],
+                                    format_completion(post.summary, tokenizer.eos_token))
             # capped like a response, so it fits the context the rollouts fit in
-            ids, mask = pad_batch([query + ref["input_ids"][: cfg.response_length]], tokenizer.pad_token_id)
+            ids, mask = pad_batch([query + ref[: cfg.response_length]], tokenizer.pad_token_id)
             ref_score = sequence_rewards(reward_model, ids.to(device), mask.to(device)).item()
         rows.append({"update": update, "id": post.id, "query": tokenizer.decode(query),
                      "response": decode_summary(tokenizer, response), "score": batch["scores"][i].item(),

@@ -7,8 +7,10 @@ pair (a, b) with label p = P(a is better), the loss is the soft-label Bradley-Te
 plus, optionally, center_coef * mean((r_a + r_b)^2), which keeps rewards near 0. It is averaged over the *global*
 batch of pairs (all micro-batches and ranks). AdamW, linear warmup and decay, gradient clipping. The checkpoint
 with the lowest validation loss is kept; then every reward is shifted so that the SFT dataset's reference
-summaries average 0 (folded into the weights, `models.fold_reward_offset`, so any loader applies it), and the
-model is scored on the test sets (`minirlaif.reward.evaluate_pairs`).
+summaries average 0 (`models.fold_reward_offset`: folded into the weights where that is exact, GPT-2 and GPT-NeoX,
+so any loader applies it; else kept in `config.reward_offset_unfolded`, which our loaders subtract and README
+"Models" tells outside loaders to subtract), and the model is scored on the test sets
+(`minirlaif.reward.evaluate_pairs`).
 
 Feedback (`--feedback`):
 - ai (default): label.py's `pairs.jsonl`; soft labels, or `--labels hard` (argmax; ties 0.5 excluded);
@@ -71,8 +73,8 @@ class Config:
     """continue from out_dir's checkpoint when there is one (--no-resume starts over)"""
     feedback: str = "ai"
     """ai: label.py's AI preferences (RLAIF); human: the human comparisons (the RLHF baseline)"""
-    sft_model: str = "runs/{preset}/sft"
-    """the SFT checkpoint the reward model starts from (and whose tokenizer it uses)"""
+    sft_path: str = "runs/{preset}/sft"
+    """the SFT checkpoint the reward model starts from (and whose tokenizer it uses); --sft-model: deprecated alias"""
     labels_path: str = "runs/{preset}/labels/pairs.jsonl"
     """label.py's AI-labeled pairs (trains the AI RM; its test split gives acc_ai_test for both feedback kinds)"""
     labels: str = "soft"
@@ -229,7 +231,7 @@ def main(cfg: Config) -> dict:
     quiet_transformers()
     dist = setup_dist()
     device, master = dist.device, dist.master_process
-    set_seed(cfg.seed)  # the same head init on every rank
+    set_seed(cfg.seed)
     if device.type == "cpu" and dist.ddp:  # share the cores between the ranks
         torch.set_num_threads(max(1, torch.get_num_threads() // dist.world_size))
     assert cfg.batch_size % (dist.world_size * cfg.micro_batch_size) == 0, \
@@ -237,9 +239,10 @@ def main(cfg: Config) -> dict:
     grad_accum = cfg.batch_size // (dist.world_size * cfg.micro_batch_size)
 
     # tokenizer, model (the SFT backbone plus a new scalar head), data
-    tokenizer = load_tokenizer(cfg.sft_model)
+    tokenizer = load_tokenizer(cfg.sft_path)
     pad_id = tokenizer.pad_token_id
-    model = disable_dropout(load_scalar_model(cfg.sft_model, pad_token_id=pad_id)).to(device).train()
+    # the new head is seeded by cfg.seed alone, so every rank starts from the same one
+    model = disable_dropout(load_scalar_model(cfg.sft_path, pad_token_id=pad_id, head_seed=cfg.seed)).to(device).train()
     set_attention(model, device, cfg.bf16)
     n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if n_positions and cfg.max_query_tokens + cfg.max_summary_tokens > n_positions:
@@ -339,7 +342,7 @@ def main(cfg: Config) -> dict:
     ref_posts = random.Random(cfg.seed).sample(ref_posts, min(cfg.n_reference, len(ref_posts)))
     ref_enc = Encoder(tokenizer, cfg.max_query_tokens, cfg.max_summary_tokens)
     offset, ref_std = mean_reference_reward(model, ref_enc, ref_posts, cfg.eval_batch_size, device, cfg.bf16, dist)
-    fold_reward_offset(model, offset)
+    offset_in = fold_reward_offset(model, offset)  # "ln_f.bias" (GPT-2) ... or "config" (RMSNorm models)
     ref_mean_after, _ = mean_reference_reward(model, ref_enc, ref_posts, cfg.eval_batch_size, device, cfg.bf16, dist)
 
     # test numbers
@@ -364,7 +367,8 @@ def main(cfg: Config) -> dict:
         "padding_invariance_max_abs_diff": padding_invariance(model, invariance_seqs, pad_id, device, cfg.bf16,
                                                               cfg.seed),
         "padding_invariance_n": len(invariance_seqs),
-        "reward_offset": offset, "reference_reward_std": ref_std, "reference_reward_mean_after": ref_mean_after,
+        "reward_offset": offset, "reward_offset_in": offset_in, "reference_reward_std": ref_std,
+        "reference_reward_mean_after": ref_mean_after,
         "n_reference": len(ref_posts), "train_loss": last_loss, "steps": total_steps, "train_time_s": train_time,
         "total_time_s": time.time() - t_start, "n_train": len(train), "n_val": len(val),
         **enc.counts(), "counts": counts,
@@ -373,7 +377,7 @@ def main(cfg: Config) -> dict:
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
         write_json(out_dir / "metrics.json", metrics)
-        inputs = {"sft_model": cfg.sft_model, "reference_dataset": cfg.reference_dataset,
+        inputs = {"sft_model": cfg.sft_path, "reference_dataset": cfg.reference_dataset,
                   "comparisons": cfg.comparisons}
         if Path(cfg.labels_path).is_file():
             inputs["labels"] = cfg.labels_path
@@ -384,5 +388,18 @@ def main(cfg: Config) -> dict:
     return metrics
 
 
+def renamed_flags(argv: list[str]) -> list[str]:
+    """`--sft-model` (the old name) -> `--sft-path`, the name label.py and train_ppo.py use, with a warning."""
+    out = []
+    for a in argv:
+        if a.split("=")[0] == "--sft-model":
+            print("train_rm.py: --sft-model is deprecated; use --sft-path")
+            a = "--sft-path" + a[len("--sft-model"):]
+        out.append(a)
+    return out
+
+
 if __name__ == "__main__":
-    main(parse_config(Config, PRESETS))
+    import sys
+
+    main(parse_config(Config, PRESETS, renamed_flags(sys.argv[1:])))

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minirlaif import synthetic
-from minirlaif.data import build_query, format_completion, load_posts
+from minirlaif.data import build_query, encode_completion, format_completion, load_posts
 from minirlaif.generation import generate_texts
-from minirlaif.models import (fuse_gelu, load_causal_lm, load_tokenizer, pad_batch, position_ids, set_attention,
-                              tiny_gpt2_config, train_bpe_tokenizer)
+from minirlaif.models import (fuse_gelu, grow_embeddings, load_causal_lm, load_tokenizer, pad_batch, position_ids,
+                              set_attention, tiny_gpt2_config, train_bpe_tokenizer)
 from minirlaif.utils import (MetricLogger, all_reduce, autocast, batch_indices, cleanup_dist, clear_checkpoint,
                              config_dict, finished_metrics, load_checkpoint, parse_config, quiet_transformers,
                              save_checkpoint, set_seed, setup_dist, stop_non_finite, write_json, write_manifest)
@@ -126,8 +126,8 @@ def tokenize(posts, tokenizer, cfg: Config) -> tuple[list[tuple[list[int], list[
     """Posts -> (query ids, completion ids) pairs, with counts of what was cut."""
     examples, n_q, n_c = [], 0, 0
     for p in posts:
-        _, q, cut = build_query(tokenizer, p, cfg.max_query_tokens)
-        c = tokenizer(format_completion(p.summary, tokenizer.eos_token), add_special_tokens=False)["input_ids"]
+        query, q, cut = build_query(tokenizer, p, cfg.max_query_tokens)  # q starts with the tokenizer's BOS, if any
+        c = encode_completion(tokenizer, query, format_completion(p.summary, tokenizer.eos_token))  # split in context
         if len(c) > cfg.max_completion_tokens:  # keep the EOS so the model still learns to stop
             c, n_c = c[: cfg.max_completion_tokens - 1] + [tokenizer.eos_token_id], n_c + 1
         examples.append((q, c))
@@ -218,7 +218,7 @@ def main(cfg: Config) -> dict:
     if cfg.model:
         tokenizer = load_tokenizer(cfg.model)
         model = load_causal_lm(cfg.model)
-        model.resize_token_embeddings(len(tokenizer))  # room for the new [PAD] token
+        grow_embeddings(model, tokenizer)  # room for the new [PAD] token; never shrinks a padded embedding
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
         texts = [f"{p.title}\n{p.post}\n{p.summary}" for p in train_posts]

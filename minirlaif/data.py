@@ -123,6 +123,38 @@ def format_completion(summary: str, eos_token: str) -> str:
     return " " + summary + eos_token
 
 
+def special_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text by default: Llama's and Gemma's BOS; none for GPT-2,
+    Qwen2, SmolLM2 or our in-process BPE. A suffix it may add (an EOS) is not part of it."""
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a", add_special_tokens=True)
+    start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+    return list(full[:start])
+
+
+def encode_query(tokenizer, query: str) -> list[int]:
+    """A query's token ids under the BOS rule: the tokenizer's own start tokens (its BOS when it adds one by
+    default, so a Llama-family policy sees the BOS it was pretrained with), then the text without special tokens."""
+    return special_prefix(tokenizer) + tokenizer.encode(query, add_special_tokens=False)
+
+
+def encode_completion(tokenizer, query: str, completion: str) -> list[int]:
+    """A completion's token ids as they follow `query`: the tokens of `query + completion` after the query's.
+
+    Encoding the completion alone can split it differently from the joint text (a SentencePiece tokenizer with a
+    Metaspace pre-tokenizer reads " summary" alone as "▁" + "▁summary" or "▁▁summary", but as "▁summary" after
+    "TL;DR:"), and the policy samples in context, so training and scoring use the in-context split. When the
+    joint text's tokens do not start with the query's (a token would span the boundary; our query ends with
+    "TL;DR:" and completions start with a space, so real tokenizers do not), the completion is encoded alone.
+    No special tokens are added (the EOS is part of the completion's text).
+    """
+    q = tokenizer.encode(query, add_special_tokens=False)
+    joint = tokenizer.encode(query + completion, add_special_tokens=False)
+    if joint[:len(q)] == q:
+        return joint[len(q):]
+    return tokenizer.encode(completion, add_special_tokens=False)
+
+
 def parse_query(prompt: str) -> tuple[str, str, str]:
     """(subreddit, title, post) of a formatted query: the inverse of format_query, for trl-lib/tldr prompts.
 
@@ -155,14 +187,17 @@ def build_query(tokenizer, post: Post, max_query_tokens: int) -> tuple[str, list
     than that, no longer cut fits), and a scan downwards from there finds the first cut that fits. The result
     always fits and the next longer cut does not; it equals the one-character-at-a-time rule whenever the
     assumption holds (for BPE on real text it does: only the last few tokens of a prefix can merge).
-    Special tokens are not added. Raises DataError when even the empty post does not fit.
+    The ids follow the BOS rule (`encode_query`: the tokenizer's own start tokens, counted in the limit). Raises
+    DataError when even the empty post does not fit.
     """
     text = post.post
     ids_of: dict[int, list[int]] = {}  # post prefix length -> token ids of its query (each tokenized once)
+    prefix = special_prefix(tokenizer)
 
     def n_tokens(k: int) -> int:
         if k not in ids_of:
-            ids_of[k] = tokenizer.encode(format_query(post.subreddit, post.title, text[:k]), add_special_tokens=False)
+            ids_of[k] = prefix + tokenizer.encode(format_query(post.subreddit, post.title, text[:k]),
+                                                  add_special_tokens=False)
         return len(ids_of[k])
 
     if n_tokens(len(text)) <= max_query_tokens:  # the common case: one tokenization, no cut

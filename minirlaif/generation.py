@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minirlaif.models import head, hidden_states, new_cache, pad_batch
+from minirlaif.models import causal_lm_logits, new_cache, pad_batch
 
 
 @dataclass
@@ -48,13 +48,13 @@ def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_t
     cache = new_cache(model)
     mask = query_mask
     positions = mask.long().cumsum(-1) - 1
-    hidden, cache = hidden_states(model, query_ids, mask, cache=cache, positions=positions.clamp(min=0))
+    # the model's own forward gives the logits (with any post-processing it applies, e.g. Gemma-2's softcapping)
+    logits, cache = causal_lm_logits(model, query_ids, mask, keep=1, cache=cache, positions=positions.clamp(min=0))
     next_pos = positions[:, -1:] + 1  # (B, 1) position of the first response token
     tokens, logprobs, valid, done = [], [], [], torch.zeros(B, dtype=torch.bool, device=device)
     temp = 1.0 if greedy else temperature
     for _ in range(max_new_tokens):
-        logits = head(model)(hidden[:, -1]).float() / temp  # (B, V)
-        logp = torch.log_softmax(logits, dim=-1)  # (B, V)
+        logp = torch.log_softmax(logits[:, -1].float() / temp, dim=-1)  # (B, V)
         if greedy:
             tok = logp.argmax(-1)  # (B,)
         else:
@@ -69,7 +69,7 @@ def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_t
         if stop_at_eos and bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
-        hidden, cache = hidden_states(model, tokens[-1][:, None], mask, cache=cache, positions=next_pos)
+        logits, cache = causal_lm_logits(model, tokens[-1][:, None], mask, keep=1, cache=cache, positions=next_pos)
         next_pos = next_pos + 1
     return Generation(tokens=torch.stack(tokens, dim=1), mask=torch.stack(valid, dim=1).long(),
                       logprobs=torch.stack(logprobs, dim=1))

@@ -295,7 +295,7 @@ class HFLabeler:
 
     @torch.no_grad()
     def choice_probs(self, prompts: list[str], choices: tuple[str, ...]) -> list[dict]:
-        from minirlaif.models import head, hidden_states, pad_batch
+        from minirlaif.models import causal_lm_logits, pad_batch
 
         cand = [choice_token_ids(self.tokenizer, c) for c in choices]
         ids = [encode_prompt(self.tokenizer, p) for p in prompts]
@@ -309,8 +309,8 @@ class HFLabeler:
             if not fits:
                 continue
             x, mask = pad_batch([ids[i] for i in fits], self.pad_id, side="left")
-            hidden, _ = hidden_states(self.model, x.to(self.device), mask.to(self.device))
-            probs = torch.softmax(head(self.model)(hidden[:, -1]).float(), dim=-1).cpu()  # (B, V) at the ending
+            logits, _ = causal_lm_logits(self.model, x.to(self.device), mask.to(self.device), keep=1)
+            probs = torch.softmax(logits[:, -1].float(), dim=-1).cpu()  # (B, V) at the ending
             for row, i in enumerate(fits):
                 raw = [probs[row, c].sum().item() for c in cand]
                 out[i] = normalise(raw, f"zero probability on {list(choices)}")

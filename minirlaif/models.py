@@ -5,9 +5,18 @@ come from the mask (`position_ids`), so left- and right-padded batches give the 
 at the last token whose mask is 1 (`last_index`), never found by comparing ids with EOS (GPT-2 has no pad token,
 and an EOS can appear inside text).
 
-Policy = any `AutoModelForCausalLM`. Reward and value models = `AutoModelForSequenceClassification` with one label
-(the SFT backbone plus a scalar head `score`), which transformers and vLLM load directly. We call their backbone and
-head ourselves so that a value can be read at every token and the reward at the mask's last token.
+Policy = any `AutoModelForCausalLM` that transformers loads without remote code. Its logits always come from the
+model's own forward (`causal_lm_logits`), so whatever the architecture applies after its output layer (Gemma-2's
+`final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling`) is applied in SFT, sampling, PPO and
+labeling alike. Reward and value models = `AutoModelForSequenceClassification` with one label (the SFT backbone
+plus a scalar head `score`), which transformers and vLLM load directly. We call their backbone and head ourselves
+so that a value can be read at every token and the reward at the mask's last token (`scalar_outputs`).
+
+The reward offset (train_rm.py shifts every reward so that reference summaries average 0; `fold_reward_offset`):
+folded into the weights where the architecture allows it exactly (a bias on the score head, or a LayerNorm bias
+right before it: GPT-2, GPT-NeoX); otherwise (RMSNorm models such as Llama, Qwen2, Gemma-2, whose norm and score
+head have no bias) it is stored as `config.reward_offset_unfolded`, which every reward read here subtracts, and an
+outside loader must subtract too: reward = score output - config.reward_offset_unfolded (0 or absent: nothing to do).
 """
 
 from __future__ import annotations
@@ -108,21 +117,49 @@ def load_causal_lm(path: str, dtype: torch.dtype | None = None, trust_remote_cod
     return fuse_gelu(AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code))
 
 
+def grow_embeddings(model: nn.Module, tokenizer) -> nn.Module:
+    """Make room for tokens the tokenizer has and the embedding lacks (our new [PAD]); never shrink.
+
+    Some checkpoints pad their embedding past the tokenizer (Qwen2: 151,936 rows for 151,646 tokens, for fast
+    matmuls); `resize_token_embeddings(len(tokenizer))` would cut those rows (and change the output layer's size).
+    """
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
 def load_scalar_model(path: str, dtype: torch.dtype | None = None, pad_token_id: int | None = None,
-                      trust_remote_code: bool = False):
-    """A reward / value model: a causal-LM checkpoint gets a new scalar head, an RM checkpoint keeps its own."""
+                      trust_remote_code: bool = False, head_seed: int = 0):
+    """A reward / value model: a causal-LM checkpoint gets a new scalar head, an RM checkpoint keeps its own.
+
+    A new head is initialised from its own generator seeded by `head_seed` (normal, std = the config's
+    initializer_range, as transformers would), not from the global RNG: under torchrun every rank seeds its
+    global RNG differently (seed + rank), and ranks that drew different heads would train different models.
+    """
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
-                                                               trust_remote_code=trust_remote_code)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+    new = [name for name, _ in head(model).named_parameters()
+           if any(k.endswith(f"score.{name}") for k in info["missing_keys"])]
+    gen = torch.Generator().manual_seed(head_seed)
+    with torch.no_grad():
+        for name, param in head(model).named_parameters():
+            if name not in new:
+                continue
+            if name == "bias":
+                param.zero_()
+            else:
+                std = getattr(model.config, "initializer_range", 0.02)
+                param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return fuse_gelu(model)
 
 
 def head(model: nn.Module) -> nn.Module:
-    """The output layer: lm_head of a causal LM, `score` of a sequence classifier."""
-    return model.score if hasattr(model, "score") else model.get_output_embeddings()
+    """The scalar head `score` of a reward / value model (a causal LM's logits come from `causal_lm_logits`)."""
+    return model.score
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,27 +221,55 @@ def hidden_states(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache
     return out.last_hidden_state, (getattr(out, name) if cache is not None else None)
 
 
+def causal_lm_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0, cache=None,
+                     positions=None):
+    """(logits, cache): a causal LM's logits exactly as its own forward computes them, for the last `keep`
+    positions (0: all), and the KV cache when one is passed in. (B, keep or T, V)
+
+    The forward, not `lm_head(hidden)`: some architectures post-process the output layer (Gemma-2
+    `final_logit_softcapping`, Cohere `logit_scale`, Granite `logits_scaling`), and the sampler, PPO and the
+    labeler must see the distribution SFT trained. `logits_to_keep` runs the head only on the kept positions:
+    with a large vocabulary the head is most of the compute of a small model. `positions` defaults to
+    `position_ids(mask)`; with a cache, pass the new tokens' positions.
+    """
+    name = _cache_kwarg(model)
+    kwargs = {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask) if positions is None else positions,
+                use_cache=cache is not None, **{name: cache}, **kwargs)
+    logits = out.logits if kwargs or keep == 0 else out.logits[:, -keep:]
+    return logits, (getattr(out, name) if cache is not None else None)
+
+
 def response_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, n_response: int) -> torch.Tensor:
     """Logits predicting the last `n_response` tokens of `ids` (query + response). (B, R, V)
 
-    The head runs only on the positions that predict response tokens: with a large vocabulary the head is most of
-    the compute of a small model, and the query's logits are never used.
+    The head runs only on the positions that predict response tokens (and the last one, dropped): the query's
+    logits are never used.
     """
-    hidden, _ = hidden_states(model, ids, mask)  # (B, T, H)
-    return head(model)(hidden[:, -n_response - 1:-1])  # (B, R, V)
+    logits, _ = causal_lm_logits(model, ids, mask, keep=n_response + 1)  # (B, R + 1, V)
+    return logits[:, :-1]  # (B, R, V)
+
+
+def scalar_outputs(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A reward / value model's scalar at each hidden state: the head, minus the unfolded reward offset. (...)
+
+    `config.reward_offset_unfolded` is the part of train_rm.py's reward offset that could not be folded into the
+    weights (`fold_reward_offset`); reading it here makes every reward we compute include it.
+    """
+    return head(model)(hidden).squeeze(-1).float() - getattr(model.config, "reward_offset_unfolded", 0.0)
 
 
 def token_scores(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The scalar head at every position (the value model's per-token values). (B, T)"""
     hidden, _ = hidden_states(model, ids, mask)
-    return head(model)(hidden).squeeze(-1).float()
+    return scalar_outputs(model, hidden)
 
 
 def sequence_rewards(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Reward of each sequence: the scalar head at its last real token (the EOS of query + summary). (B,)"""
     hidden, _ = hidden_states(model, ids, mask)  # (B, T, H)
     last = hidden[torch.arange(ids.shape[0], device=ids.device), last_index(mask)]  # (B, H)
-    return head(model)(last).squeeze(-1).float()
+    return scalar_outputs(model, last)
 
 
 def shared_prefix_rewards(model: nn.Module, q_ids: torch.Tensor, q_mask: torch.Tensor, s_ids: torch.Tensor,
@@ -223,17 +288,44 @@ def shared_prefix_rewards(model: nn.Module, q_ids: torch.Tensor, q_mask: torch.T
     positions = q_mask.sum(-1, keepdim=True) + position_ids(s_mask)  # (B*k, Ts), continuing each query
     hidden, _ = hidden_states(model, s_ids, torch.cat([q_mask, s_mask], dim=1), cache=cache, positions=positions)
     last = hidden[torch.arange(s_ids.shape[0], device=s_ids.device), last_index(s_mask)]  # (B*k, H)
-    return head(model)(last).squeeze(-1).float()
+    return scalar_outputs(model, last)
+
+
+def final_layer_norm(model: nn.Module) -> nn.LayerNorm | None:
+    """The backbone's last top-level LayerNorm with a bias (GPT-2 ln_f, GPT-NeoX final_layer_norm), or None
+    (RMSNorm models: Llama, Qwen2, Gemma-2, ...). Whether the head reads its output is checked by the caller."""
+    norms = [m for m in model.base_model.children() if isinstance(m, nn.LayerNorm) and m.bias is not None]
+    return norms[-1] if norms else None
 
 
 @torch.no_grad()
-def fold_reward_offset(model: nn.Module, offset: float) -> None:
-    """Make every reward `offset` lower by editing the weights, so any loader (transformers, vLLM) applies it.
+def fold_reward_offset(model: nn.Module, offset: float) -> str:
+    """Make every reward `offset` lower; returns where the offset went: "score.bias", "<norm>.bias" or "config".
 
-    GPT-2's score head has no bias, but its input is ln_f's output h = g * x_hat + b, and only the head reads it.
-    Shifting b by d = -offset * w / |w|^2 shifts w . h by exactly -offset for every input.
+    In the weights when that is exact, so that any loader (transformers, vLLM) applies it: the score head's bias
+    when it has one; else, when the head reads a LayerNorm's output h = g * x_hat + b (GPT-2, GPT-NeoX), that
+    bias: shifting b by d = -offset * w / |w|^2 shifts w . h by exactly -offset for every input. The shift is
+    checked on a probe input, and undone if it is not exact. Otherwise (RMSNorm has no bias, nor has the score
+    head of Llama-like models) the offset is added to `config.reward_offset_unfolded`, which our reward functions
+    subtract (`scalar_outputs`) and an outside loader must subtract from the score itself (README "Models").
+    `config.reward_offset` always holds the total offset.
     """
-    w = head(model).weight[0].float()  # (H,)
-    ln_f = model.base_model.ln_f
-    ln_f.bias += (-offset * w / w.dot(w)).to(ln_f.bias.dtype)
     model.config.reward_offset = getattr(model.config, "reward_offset", 0.0) + float(offset)
+    score = head(model)
+    if getattr(score, "bias", None) is not None:
+        score.bias -= offset
+        return "score.bias"
+    norm = final_layer_norm(model)
+    if norm is not None:
+        probe = torch.arange(8, device=score.weight.device)[None] % model.config.vocab_size
+        probe_mask = torch.ones_like(probe)
+        before = sequence_rewards(model, probe, probe_mask)
+        w = score.weight[0].float()  # (H,)
+        shift = (-offset * w / w.dot(w)).to(norm.bias.dtype)
+        norm.bias += shift
+        after = sequence_rewards(model, probe, probe_mask)
+        if torch.allclose(after, before - offset, atol=1e-4 * max(1.0, abs(offset)), rtol=0):
+            return f"{[n for n, m in model.base_model.named_children() if m is norm][0]}.bias"
+        norm.bias -= shift  # the head does not read this norm's output directly: keep the offset in the config
+    model.config.reward_offset_unfolded = getattr(model.config, "reward_offset_unfolded", 0.0) + float(offset)
+    return "config"

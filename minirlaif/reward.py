@@ -7,7 +7,8 @@ not change it (`padding_invariance` measures that).
 
 Tokenisation (`Encoder`): queries are built by `data.build_query` (an over-long post is cut at its last newline,
 as for the SFT and PPO queries), summaries are the sampled token ids when the labels carry them (EOS appended when
-the sample did not stop) or `data.format_completion(text, eos)` tokenised, and capped at `max_summary_tokens`
+the sample did not stop) or `data.format_completion(text, eos)` tokenised as it follows the query
+(`data.encode_completion`), and capped at `max_summary_tokens`
 keeping the EOS. Every cut is counted; no pair is dropped for its length.
 
 Evaluation (`evaluate_pairs`): accuracy against the label's argmax (label ties excluded, reward ties count as half),
@@ -31,7 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minirlaif.data import DataError, Post, build_query, format_completion, load_comparisons
+from minirlaif.data import (DataError, Post, build_query, encode_completion, format_completion,
+                            load_comparisons)
 from minirlaif.losses import bradley_terry_loss
 from minirlaif.models import pad_batch, sequence_rewards, shared_prefix_rewards
 from minirlaif.stats import bootstrap_ci
@@ -66,27 +68,31 @@ class Encoder:
     n_truncated_queries: int = 0     # pairs (or references) whose post was cut to fit
     n_capped_summaries: int = 0      # summaries cut to max_summary_tokens (EOS kept)
     n_eos_appended: int = 0          # stored samples that had not stopped: EOS appended
-    _queries: dict = field(default_factory=dict, repr=False)  # (id, subreddit, title, post) -> (ids, cut)
+    _queries: dict = field(default_factory=dict, repr=False)  # (id, subreddit, title, post) -> (text, ids, cut)
 
-    def query(self, post: Post) -> list[int]:
+    def _built(self, post: Post) -> tuple[str, list[int], bool]:
         key = (post.id, post.subreddit, post.title, post.post)
         if key not in self._queries:
-            _, ids, cut = build_query(self.tokenizer, post, self.max_query_tokens)
-            self._queries[key] = (ids, cut)
-        ids, cut = self._queries[key]
+            self._queries[key] = build_query(self.tokenizer, post, self.max_query_tokens)
+        return self._queries[key]
+
+    def query(self, post: Post) -> list[int]:
+        _, ids, cut = self._built(post)
         self.n_truncated_queries += cut
         return ids
 
-    def summary(self, text: str | None = None, token_ids: list[int] | None = None) -> list[int]:
-        """A summary's ids: the stored sampled ids when given, else the tokenised reference-style completion."""
+    def summary(self, text: str | None = None, token_ids: list[int] | None = None,
+                post: Post | None = None) -> list[int]:
+        """A summary's ids: the stored sampled ids when given, else the reference-style completion tokenised as it
+        follows the post's query (`data.encode_completion`)."""
         eos = self.tokenizer.eos_token_id
         if token_ids is not None:
             ids = list(token_ids)
             if not ids or ids[-1] != eos:
                 ids, self.n_eos_appended = ids + [eos], self.n_eos_appended + 1
         else:
-            completion = format_completion(text, self.tokenizer.eos_token)
-            ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
+            ids = encode_completion(self.tokenizer, self._built(post)[0],
+                                    format_completion(text, self.tokenizer.eos_token))
         if len(ids) > self.max_summary_tokens:  # keep the EOS: the reward is read there
             ids, self.n_capped_summaries = ids[: self.max_summary_tokens - 1] + [eos], self.n_capped_summaries + 1
         return ids
@@ -139,8 +145,9 @@ def load_ai_pairs(path: str | Path, enc: Encoder) -> tuple[list[Pair], dict]:
                 if toks is not None and any(t >= vocab for t in toks):
                     raise DataError(f"{loc}: field '{k}' must be token ids of the SFT tokenizer (0..{vocab - 1})")
             post = Post(id=str(row["id"]), subreddit=row["subreddit"], title=row["title"], post=row["post"], source=loc)
-            pairs.append(Pair(id=post.id, query=enc.query(post), a=enc.summary(row["summary_a"], row.get("tokens_a")),
-                              b=enc.summary(row["summary_b"], row.get("tokens_b")), prob_a=float(p),
+            pairs.append(Pair(id=post.id, query=enc.query(post),
+                              a=enc.summary(row["summary_a"], row.get("tokens_a"), post),
+                              b=enc.summary(row["summary_b"], row.get("tokens_b"), post), prob_a=float(p),
                               p_a_ab=row.get("p_a_ab"), p_a_ba=row.get("p_a_ba")))
     stats["n_kept"] = len(pairs)
     return pairs, stats
@@ -181,7 +188,8 @@ def load_human_pairs(source: str, split: str, enc: Encoder, min_confidence: int 
     if 0 < max_pairs < len(comparisons):
         keep = sorted(random.Random(seed).sample(range(len(comparisons)), max_pairs))
         comparisons = [comparisons[i] for i in keep]
-    pairs = [Pair(id=c.post.id, query=enc.query(c.post), a=enc.summary(c.summaries[0]), b=enc.summary(c.summaries[1]),
+    pairs = [Pair(id=c.post.id, query=enc.query(c.post), a=enc.summary(c.summaries[0], post=c.post),
+                  b=enc.summary(c.summaries[1], post=c.post),
                   prob_a=1.0 if c.choice == 0 else 0.0, confidence=c.confidence) for c in comparisons]
     return pairs, {"n_read": load_stats.n_read, "n_dropped_cnndm": load_stats.n_dropped_cnndm,
                    "n_dropped_confidence": load_stats.n_dropped_confidence,
@@ -293,7 +301,7 @@ def score_pairs(model, pairs: list[Pair], pad_id: int, batch_size: int, device, 
 def mean_reference_reward(model, enc: Encoder, posts: list[Post], batch_size: int, device, bf16: bool = False,
                           dist=None) -> tuple[float, float]:
     """(mean, std) of the rewards of the posts' reference summaries: the offset that makes references score 0."""
-    seqs = [enc.query(p) + enc.summary(p.summary) for p in posts]
+    seqs = [enc.query(p) + enc.summary(p.summary, post=p) for p in posts]
     r = score_sequences(model, seqs, enc.tokenizer.pad_token_id, batch_size, device, bf16, dist).double()
     return r.mean().item(), r.std().item() if len(r) > 1 else 0.0
 

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from minirlaif.data import (Comparison, DataError, LoadStats, Post, build_query, comparison_to_row, format_completion,
-                            format_query, load_comparisons, load_posts, normalize_summary, parse_query, post_to_row,
-                            unique_posts, write_jsonl)
+from minirlaif.data import (Comparison, DataError, LoadStats, Post, build_query, comparison_to_row, encode_completion,
+                            encode_query, format_completion, format_query, load_comparisons, load_posts,
+                            normalize_summary, parse_query, post_to_row, special_prefix, unique_posts, write_jsonl)
 
 # ----------------------------------------------------------------------------------------------------------------
 # fixtures in the hub schemas
@@ -444,9 +444,8 @@ def test_build_query_is_fast_on_long_posts(tokenizer):
     calls = []
 
     def encode(text, add_special_tokens=True):
-        assert add_special_tokens is False
         calls.append(len(text))
-        return tokenizer.encode(text, add_special_tokens=False)
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     post = Post("1", "relationships", "title", random_text(random.Random(3), 4000))  # ~25k chars, no newline
     counting = types.SimpleNamespace(encode=encode)
@@ -464,3 +463,57 @@ def test_build_query_raises_when_nothing_fits(tokenizer):
 
 def test_load_stats_to_dict():
     assert LoadStats(n_read=3).to_dict()["n_read"] == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the BOS rule and the query / completion boundary
+
+
+def make_sentencepiece_tokenizer(texts, vocab_size=400):
+    """A Llama-2-style tokenizer built in-process, laid out like Llama-2's tokenizer.json: a normalizer that
+    prepends "▁" to the text and writes every space as "▁", pieces that start at a "▁" (SentencePiece's
+    split_by_whitespace), and a post-processor that puts <s> before every text, as Llama's does by default."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    bos = [("<s>", tok.token_to_id("<s>"))]
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=bos)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_bos_rule_and_in_context_completion_under_sentencepiece():
+    rng = random.Random(1)
+    summaries = [random_text(rng, 8) for _ in range(30)]
+    corpus = [format_query("relationships", random_text(rng, 6), random_text(rng, 40, 9)) + " " + s
+              for s in summaries]
+    tok = make_sentencepiece_tokenizer(corpus)
+    bos = tok.bos_token_id
+    assert special_prefix(tok) == [bos]
+    post = Post("1", "relationships", "my title", "a post\nwith two lines")
+    query, ids, _ = build_query(tok, post, 200)
+    # the query starts with the BOS the tokenizer adds by default: exactly what tokenizer(query) gives
+    assert ids[0] == bos and ids == tok(query)["input_ids"] == encode_query(tok, query)
+    n_alone_differs = 0
+    for s in summaries:
+        completion = format_completion(s, tok.eos_token)
+        c = encode_completion(tok, query, completion)
+        # query + completion is the joint text's tokenization: the policy samples in that context
+        assert ids + c == tok(query + completion)["input_ids"]
+        assert c[-1] == tok.eos_token_id and tok.decode(c, skip_special_tokens=True).strip() == s
+        n_alone_differs += c != tok.encode(completion, add_special_tokens=False)
+    # encoding the completion alone splits the leading space differently ("▁" prepended again): the old rule
+    assert n_alone_differs == len(summaries)
+
+
+def test_bos_rule_changes_nothing_for_byte_level_bpe(tokenizer):
+    assert special_prefix(tokenizer) == []
+    query = format_query("relationships", "title", "post")
+    assert encode_query(tokenizer, query) == tokenizer.encode(query, add_special_tokens=False)
+    completion = format_completion("a summary", tokenizer.eos_token)
+    assert encode_completion(tokenizer, query, completion) == tokenizer.encode(completion, add_special_tokens=False)

@@ -70,7 +70,7 @@ def env(tmp_path_factory):
 
 
 def micro_args(d, out, *extra):
-    return ["--preset", "micro", "--sft-model", str(d / "sft"), "--labels-path", str(d / "pairs.jsonl"),
+    return ["--preset", "micro", "--sft-path", str(d / "sft"), "--labels-path", str(d / "pairs.jsonl"),
             "--comparisons", str(d / "data" / "comparisons"), "--reference-dataset", str(d / "data" / "sft"),
             "--out-dir", str(out), "--no-bf16", *extra]
 
@@ -273,7 +273,7 @@ def test_micro_ai_run_metrics_and_reference_offset(env, ai_run):
     posts, _ = load_posts(d / "data" / "sft", "train")
     posts = random.Random(cfg.seed).sample(posts, cfg.n_reference)
     enc = Encoder(tok, cfg.max_query_tokens, cfg.max_summary_tokens)
-    ids, mask = pad_batch([enc.query(p) + enc.summary(p.summary) for p in posts], tok.pad_token_id, side="left")
+    ids, mask = pad_batch([enc.query(p) + enc.summary(p.summary, post=p) for p in posts], tok.pad_token_id, side="left")
     with torch.no_grad():
         r = sequence_rewards(rm, ids, mask)
     assert abs(r.mean().item()) < 1e-4 and r.std().item() > 0
