@@ -18,7 +18,12 @@ Feedback (`--feedback`):
   split by post id (seeded hash) into train / validation / test.
 - human: the human comparisons' train split (split by post id into train / validation; `--min-confidence`
   filters it); their validation split is the held-out test set.
-Both report `acc_ai_test` (the AI test split, argmax of the soft label, ties excluded) and `acc_human_conf8` (the
+- mixed: both together. The mixing rule: the AI pairs' train split (labels as for ai) plus the human train
+  comparisons (hard labels 1 / 0), every pair one term of the loss; `--human-frac F` subsamples (seeded) the
+  larger source so that human pairs are the fraction F of the train pairs (-1: all of both). Both sources are
+  split by the same post-id hash, so a post is in one split for both, and human comparisons of AI-test posts are
+  left out (counted); validation is both validation splits together.
+All report `acc_ai_test` (the AI test split, argmax of the soft label, ties excluded) and `acc_human_conf8` (the
 held-out human comparisons with confidence >= 8), so the two reward models are compared on the same pairs.
 
 Deliberate choices (see README "Implementation details"):
@@ -32,6 +37,7 @@ Deliberate choices (see README "Implementation details"):
 Commands:
   CPU, tiny (default):  python train_rm.py                   (after train_sft.py and label.py)
   RLHF baseline:        python train_rm.py --feedback human
+  human + AI labels:    python train_rm.py --feedback mixed [--human-frac 0.5]
   1 GPU:                python train_rm.py --preset gpt2-large [--feedback human]
   torchrun:             torchrun --nproc_per_node 4 train_rm.py --preset gpt2-large
 """
@@ -66,13 +72,15 @@ class Config:
     """tiny: synthetic task on CPU; gpt2-large: the seed's setup (hub data); micro: a few steps, for tests"""
     out_dir: str = ""
     """where the model, metrics.json, manifest.json and the checkpoint go; empty: runs/{preset}/rm for AI
-    feedback, runs/{preset}/rm_human for human feedback"""
+    feedback, runs/{preset}/rm_human for human feedback, runs/{preset}/rm_mixed for mixed"""
     seed: int = 1
     """seeds the head init, the splits, the data order and every RNG"""
     resume: bool = True
     """continue from out_dir's checkpoint when there is one (--no-resume starts over)"""
     feedback: str = "ai"
-    """ai: label.py's AI preferences (RLAIF); human: the human comparisons (the RLHF baseline)"""
+    """ai: label.py's AI preferences (RLAIF); human: the human comparisons (the RLHF baseline); mixed: both"""
+    human_frac: float = -1.0
+    """mixed feedback: fraction of the train pairs that are human, by subsampling the larger source (-1: all)"""
     sft_path: str = "runs/{preset}/sft"
     """the SFT checkpoint the reward model starts from (and whose tokenizer it uses); --sft-model: deprecated alias"""
     labels_path: str = "runs/{preset}/labels/pairs.jsonl"
@@ -183,26 +191,51 @@ def validation(model, val, cfg: Config, pad_id: int, device, dist) -> dict:
     return {"loss": loss, "acc": m["acc"]}
 
 
+def mix(ai: list, human: list, human_frac: float, seed: int) -> tuple[list, dict]:
+    """Mixed feedback's train (or validation) pairs: all of both, or (0 < human_frac < 1) the larger source
+    subsampled, seeded, so that human pairs are `human_frac` of the result."""
+    n_ai, n_human = len(ai), len(human)
+    if 0 < human_frac < 1 and ai and human:
+        want_human = round(n_ai * human_frac / (1 - human_frac))  # human pairs to go with all the AI pairs
+        if want_human <= n_human:
+            n_human = want_human
+        else:
+            n_ai = round(n_human * (1 - human_frac) / human_frac)
+    rng = random.Random(seed)
+    keep = lambda xs, n: [xs[i] for i in sorted(rng.sample(range(len(xs)), n))]  # noqa: E731 (in source order)
+    return keep(ai, n_ai) + keep(human, n_human), {"n_ai": n_ai, "n_human": n_human,
+                                                   "n_ai_dropped": len(ai) - n_ai,
+                                                   "n_human_dropped": len(human) - n_human}
+
+
 def load_data(cfg: Config, enc: Encoder, master: bool) -> tuple[dict, dict]:
     """(sets, counts): train / validation pairs of the chosen feedback, and the test sets every RM is scored on."""
     counts, sets = {}, {}
     ai_path = Path(cfg.labels_path)
     ai = None
-    if cfg.feedback == "ai" or ai_path.is_file():
+    if cfg.feedback in ("ai", "mixed") or ai_path.is_file():
         ai_pairs, ai_stats = load_ai_pairs(ai_path, enc)
         ai = split_by_id(ai_pairs, cfg.seed, cfg.val_frac, cfg.test_frac)
         counts["ai_labels"] = ai_stats
     elif master:
         print(f"no AI labels at {ai_path}: acc_ai_test is not computed")
-    if cfg.feedback == "ai":
+    if cfg.feedback in ("ai", "mixed"):
         train, train_stats = training_labels(ai["train"], cfg.labels, cfg.drop_inconsistent)
         val, val_stats = training_labels(ai["validation"], cfg.labels, cfg.drop_inconsistent)
         counts["excluded"] = {k: train_stats[k] + val_stats[k] for k in train_stats}  # train + validation
-    else:
+    if cfg.feedback in ("human", "mixed"):
         human, human_stats = load_human_pairs(cfg.comparisons, "train", enc, min_confidence=cfg.min_confidence or None)
-        split = split_by_id(human, cfg.seed, cfg.val_frac, 0.0)
-        train, val = split["train"], split["validation"]
+        # mixed: the AI pairs' split (same hash, same fractions), so no AI-test post is trained on
+        split = split_by_id(human, cfg.seed, cfg.val_frac, cfg.test_frac if cfg.feedback == "mixed" else 0.0)
         counts["human_train"] = human_stats
+        if cfg.feedback == "human":
+            train, val = split["train"], split["validation"]
+        else:
+            train, counts["mixed_train"] = mix(train, split["train"], cfg.human_frac, cfg.seed)
+            val, counts["mixed_validation"] = mix(val, split["validation"], cfg.human_frac, cfg.seed + 1)
+            counts["mixed_human_in_ai_test_posts"] = len(split["test"])
+    if cfg.feedback == "mixed" and 0 < cfg.n_val < len(val):  # a seeded sample of both sources, not AI's first
+        val = [val[i] for i in sorted(random.Random(cfg.seed).sample(range(len(val)), cfg.n_val))]
     sets["train"], sets["validation"] = train, val[: cfg.n_val] if cfg.n_val > 0 else val
     # test sets: the AI test split (soft labels) and the held-out human comparisons
     sets["ai_test"] = ai["test"] if ai is not None else []
@@ -210,7 +243,7 @@ def load_data(cfg: Config, enc: Encoder, master: bool) -> tuple[dict, dict]:
                                           max_pairs=cfg.n_human_eval, seed=cfg.seed)
     sets["human_conf8"] = conf8
     counts["human_conf8"] = conf8_stats
-    if cfg.feedback == "human":  # the human RM's own test set: every held-out comparison
+    if cfg.feedback in ("human", "mixed"):  # the human RM's own test set: every held-out comparison
         sets["human_test"], counts["human_test"] = load_human_pairs(cfg.comparisons, "validation", enc)
     return sets, counts
 
@@ -219,10 +252,14 @@ def load_data(cfg: Config, enc: Encoder, master: bool) -> tuple[dict, dict]:
 
 
 def main(cfg: Config) -> dict:
-    if cfg.feedback not in ("ai", "human") or cfg.labels not in ("soft", "hard"):
-        raise SystemExit(f"--feedback must be ai or human and --labels soft or hard, got {cfg.feedback}, {cfg.labels}")
+    if cfg.feedback not in ("ai", "human", "mixed") or cfg.labels not in ("soft", "hard"):
+        raise SystemExit(f"--feedback must be ai, human or mixed and --labels soft or hard, got {cfg.feedback}, "
+                         f"{cfg.labels}")
+    if cfg.feedback == "mixed" and not (cfg.human_frac == -1 or 0 < cfg.human_frac < 1):
+        raise SystemExit(f"--human-frac must be -1 (all of both) or in (0, 1), got {cfg.human_frac}")
     if not cfg.out_dir:
-        cfg = dataclasses.replace(cfg, out_dir=f"runs/{cfg.preset}/{'rm' if cfg.feedback == 'ai' else 'rm_human'}")
+        name = {"ai": "rm", "human": "rm_human", "mixed": "rm_mixed"}[cfg.feedback]
+        cfg = dataclasses.replace(cfg, out_dir=f"runs/{cfg.preset}/{name}")
     out_dir = Path(cfg.out_dir)
     if (done := finished_metrics(out_dir, cfg)) is not None:
         print(f"{out_dir} already holds a finished run of this config; skipping (delete it to rerun)")
@@ -273,7 +310,7 @@ def main(cfg: Config) -> dict:
     logger.truncate_after(step)
     if master:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"rm ({cfg.feedback} feedback, {cfg.labels if cfg.feedback == 'ai' else 'hard'} labels): "
+        print(f"rm ({cfg.feedback} feedback, {cfg.labels if cfg.feedback != 'human' else 'hard'} labels): "
               f"{len(train)} train / {len(val)} val pairs, test {len(sets['ai_test'])} ai / "
               f"{len(sets['human_conf8'])} human conf>={HUMAN_CONFIDENCE}; {n_params / 1e6:.2f}M params, "
               f"{total_steps} steps, grad_accum {grad_accum}, world {dist.world_size}, device {device}")
@@ -359,7 +396,9 @@ def main(cfg: Config) -> dict:
         "ece": metrics.get(f"ece_{own}"),
         "ece_set": f"{own} ({'soft AI labels' if own == 'ai_test' else 'human choices'}), 10 confidence bins",
         **metrics,
-        "feedback": cfg.feedback, "labels": cfg.labels if cfg.feedback == "ai" else "hard (human choice)",
+        "feedback": cfg.feedback,
+        "labels": {"ai": cfg.labels, "human": "hard (human choice)",
+                   "mixed": f"{cfg.labels} (AI) + hard (human choice)"}[cfg.feedback],
         "n_null_labels": counts.get("ai_labels", {}).get("n_null", 0),
         "n_excluded_label_ties": counts.get("excluded", {}).get("n_label_ties", 0),
         "n_excluded_inconsistent": counts.get("excluded", {}).get("n_inconsistent", 0),

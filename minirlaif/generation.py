@@ -32,13 +32,14 @@ def row_seeds(*keys: int, n: int) -> list[int]:
 @torch.no_grad()
 def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int,
              temperature: float = 1.0, greedy: bool = False, seeds: list[int] | None = None,
-             stop_at_eos: bool = True) -> Generation:
+             stop_at_eos: bool = True, top_k: int = 0) -> Generation:
     """Sample `max_new_tokens` tokens after left-padded queries (B, Q), stopping once every row has emitted EOS.
 
     Each row draws its randomness from its own generator, seeded by `seeds[row]` (Gumbel-max sampling: the argmax
     of logits / T plus Gumbel noise is a sample of softmax(logits / T)). So a row's sample depends only on its
     query and its seed, not on its batch mates: one process or several, large chunks or small, give the same
-    samples. Tokens after a row's first EOS are replaced by pad and masked out (as `losses.truncate_after_eos`
+    samples. `top_k` > 0 samples from the k most likely tokens only (log-probs then under that renormalised
+    distribution). Tokens after a row's first EOS are replaced by pad and masked out (as `losses.truncate_after_eos`
     would); the result has at most `max_new_tokens` columns, fewer when every row finished early.
     """
     B, device = query_ids.shape[0], query_ids.device
@@ -54,7 +55,11 @@ def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_t
     tokens, logprobs, valid, done = [], [], [], torch.zeros(B, dtype=torch.bool, device=device)
     temp = 1.0 if greedy else temperature
     for _ in range(max_new_tokens):
-        logp = torch.log_softmax(logits[:, -1].float() / temp, dim=-1)  # (B, V)
+        scaled = logits[:, -1].float() / temp  # (B, V)
+        if top_k and not greedy:
+            kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        logp = torch.log_softmax(scaled, dim=-1)  # (B, V)
         if greedy:
             tok = logp.argmax(-1)  # (B,)
         else:

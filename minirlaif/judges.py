@@ -22,6 +22,13 @@ a prompt longer than the model's context), the label is None with a reason: neve
 Chain of thought (`cot`): the ending is replaced by an instruction to explain and "Rationale:"; a rationale is
 decoded greedily, then appended with the original ending, and "1" / "2" are read as above (two calls per label).
 
+Self-consistency (`sc_samples` K > 1, with `cot`; the paper's Sec. 3.3): K rationales are sampled at
+`sc_temperature` (top-k `sc_top_k`, 40 as in the paper), each is followed by the scoring step, and the K
+preference distributions are averaged (a mean of probabilities, not a vote). Sample k of an ordered pair is seeded
+by (labeler seed, pair id, order, k), so it depends on nothing else in the batch and a resumed run draws what an
+uninterrupted one drew. K = 1 at temperature 0 is plain CoT. (The OpenAI API has no top-k: it samples at the
+temperature only.)
+
 Position bias: LLM labelers prefer a position. `judge_pairs` shows each pair in both orders (A/B and B/A),
 un-flips the second, and averages the two probabilities (as the paper does). `position_bias` measures it.
 
@@ -34,7 +41,8 @@ Labeler backends, one class each, all built by `make_labeler(cfg)` from a `Judge
 Every labeler has `judge(queries) -> verdicts` (one ordered pair each: {"p_first", "mass", "rationale",
 "null_reason", "usage"}) and a `usage` dict of counters for this process. The LM labelers also have
 `choice_probs(prompts, choices)` (normalised probabilities of single-token answers after each prompt) and
-`complete(prompts, max_tokens)` (greedy text), which is all `lm_judge` and the direct-scoring hook need.
+`complete(prompts, max_tokens, temperature, top_k, seeds)` (greedy text at temperature 0, else one seeded sample
+per prompt), which is all `lm_judge` and the direct-scoring hook need.
 """
 
 from __future__ import annotations
@@ -210,6 +218,9 @@ class PromptSpec:
     exemplars: list = dataclasses.field(default_factory=list)
     cot: bool = False
     cot_max_tokens: int = 512
+    sc_samples: int = 1  # self-consistency: rationales per (pair, order), their distributions averaged
+    sc_temperature: float = 0.0  # rationale sampling temperature (0: greedy)
+    sc_top_k: int = 40  # rationale sampling: the k most likely tokens only (0: all)
 
 
 def _add_usage(*usages) -> dict | None:
@@ -220,22 +231,49 @@ def _add_usage(*usages) -> dict | None:
     return {k: sum(u.get(k, 0) for u in usages) for k in keys}
 
 
+def rationale_seed(seed: int, query: dict, k: int) -> int:
+    """Seed of the k-th sampled rationale of an ordered pair: fixed by (labeler seed, pair id, order, k) alone."""
+    return random.Random(f"rationale:{seed}:{query.get('id')}:{query.get('order', '')}:{k}").getrandbits(63)
+
+
 def lm_judge(labeler, queries: list[dict]) -> list[dict]:
-    """Verdicts of an LM labeler (hf, vllm, openai) for ordered pairs {"subreddit", "title", "post", "first",
-    "second"}: P(first better) = P("1") / (P("1") + P("2")) at the end of the (CoT-completed) prompt."""
+    """Verdicts of an LM labeler (hf, vllm, openai) for ordered pairs {"id", "order", "subreddit", "title", "post",
+    "first", "second"}: P(first better) = P("1") / (P("1") + P("2")) at the end of the (CoT-completed) prompt;
+    with self-consistency, the mean of that over the K sampled rationales."""
     spec = labeler.spec
     prompts = [build_prompt(judge_text(q), q["first"], q["second"], spec.preamble, spec.exemplars, spec.cot)
                for q in queries]
-    rationales, cot_usage = [None] * len(queries), [None] * len(queries)
-    if spec.cot:
-        outs = labeler.complete(prompts, spec.cot_max_tokens)
-        rationales, cot_usage = [o["text"] for o in outs], [o.get("usage") for o in outs]
-        prompts = [cot_scoring_prompt(p, r) for p, r in zip(prompts, rationales)]
+    if not spec.cot:
+        if spec.sc_samples > 1:
+            raise ValueError("self-consistency samples rationales: it needs --cot")
+        return [{"p_first": None if r["probs"] is None else r["probs"][0], "mass": r["mass"], "rationale": None,
+                 "null_reason": r["null_reason"], "usage": r.get("usage")}
+                for r in labeler.choice_probs(prompts, CHOICES)]
+    K, T = spec.sc_samples, spec.sc_temperature
+    # K rationale prompts per query (query-major), each sampled with its own seed, then each scored
+    seeds = [rationale_seed(getattr(labeler, "seed", 0), q, k) for q in queries for k in range(K)]
+    rat_prompts = [p for p in prompts for _ in range(K)]
+    outs = labeler.complete(rat_prompts, spec.cot_max_tokens, temperature=T, top_k=spec.sc_top_k,
+                            seeds=seeds if T > 0 else None)
+    scored = labeler.choice_probs([cot_scoring_prompt(p, o["text"]) for p, o in zip(rat_prompts, outs)], CHOICES)
     verdicts = []
-    for r, rationale, u in zip(labeler.choice_probs(prompts, CHOICES), rationales, cot_usage):
-        verdicts.append({"p_first": None if r["probs"] is None else r["probs"][0], "mass": r["mass"],
-                         "rationale": rationale, "null_reason": r["null_reason"],
-                         "usage": _add_usage(u, r.get("usage"))})
+    for i in range(len(queries)):
+        samples, texts = scored[i * K:(i + 1) * K], [o["text"] for o in outs[i * K:(i + 1) * K]]
+        usage = _add_usage(*(o.get("usage") for o in outs[i * K:(i + 1) * K]), *(r.get("usage") for r in samples))
+        if K == 1:
+            (r,) = samples
+            verdicts.append({"p_first": None if r["probs"] is None else r["probs"][0], "mass": r["mass"],
+                             "rationale": texts[0], "null_reason": r["null_reason"], "usage": usage})
+            continue
+        # average the K distributions (P(first), 1 - P(first)) over the samples whose answer could be read
+        read = [r for r in samples if r["probs"] is not None]
+        reasons = sorted({r["null_reason"] for r in samples if r["probs"] is None})
+        verdicts.append({
+            "p_first": sum(r["probs"][0] for r in read) / len(read) if read else None,
+            "mass": sum(r["mass"] for r in read) / len(read) if read else None,
+            "rationale": texts, "p_first_samples": [None if r["probs"] is None else r["probs"][0] for r in samples],
+            "null_reason": None if read else f"none of the {K} samples readable: {'; '.join(reasons)}",
+            "usage": usage})
     return verdicts
 
 
@@ -276,8 +314,9 @@ class HFLabeler:
     reads the same probabilities as the prompt alone. Rationales are decoded greedily with the shared sampler.
     """
 
-    def __init__(self, model, tokenizer, spec: PromptSpec | None = None, batch_size: int = 8, device="cpu"):
-        self.model, self.tokenizer, self.spec = model.eval(), tokenizer, spec or PromptSpec()
+    def __init__(self, model, tokenizer, spec: PromptSpec | None = None, batch_size: int = 8, device="cpu",
+                 seed: int = 0):
+        self.model, self.tokenizer, self.spec, self.seed = model.eval(), tokenizer, spec or PromptSpec(), seed
         self.batch_size, self.device = batch_size, torch.device(device)
         # padding is masked out, so any id works; the tokenizer is used as saved (adding a [PAD] would need a
         # resized embedding)
@@ -313,11 +352,15 @@ class HFLabeler:
             probs = torch.softmax(logits[:, -1].float(), dim=-1).cpu()  # (B, V) at the ending
             for row, i in enumerate(fits):
                 raw = [probs[row, c].sum().item() for c in cand]
-                out[i] = normalise(raw, f"zero probability on {list(choices)}")
+                out[i] = {**normalise(raw, f"zero probability on {list(choices)}"),
+                          "usage": {"prompt_tokens": len(ids[i]), "completion_tokens": 1}}
         return out
 
     @torch.no_grad()
-    def complete(self, prompts: list[str], max_tokens: int) -> list[dict]:
+    def complete(self, prompts: list[str], max_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 seeds: list[int] | None = None) -> list[dict]:
+        """Greedy rationales (temperature 0), or one sample each, prompt i seeded by seeds[i] (its own generator,
+        so the sample does not depend on its batch mates)."""
         from minirlaif.generation import generate
         from minirlaif.models import pad_batch
 
@@ -328,14 +371,16 @@ class HFLabeler:
             n_new = min(max_tokens, self.max_len - max(len(ids[i]) for i in idx))
             if n_new <= 0:  # no room in the context: the scoring step will report the prompt as too long
                 for i in idx:
-                    out[i] = {"text": ""}
+                    out[i] = {"text": "", "usage": {"prompt_tokens": len(ids[i]), "completion_tokens": 0}}
                 continue
             x, mask = pad_batch([ids[i] for i in idx], self.pad_id, side="left")
             gen = generate(self.model, x.to(self.device), mask.to(self.device), n_new, eos_id=eos,
-                           pad_id=self.pad_id, greedy=True)
+                           pad_id=self.pad_id, temperature=temperature or 1.0, greedy=temperature == 0,
+                           seeds=None if temperature == 0 else [seeds[i] for i in idx], top_k=top_k)
             for row, i in enumerate(idx):
                 toks = gen.tokens[row][gen.mask[row].bool()].tolist()
-                out[i] = {"text": self.tokenizer.decode(toks, skip_special_tokens=True)}
+                out[i] = {"text": self.tokenizer.decode(toks, skip_special_tokens=True),
+                          "usage": {"prompt_tokens": len(ids[i]), "completion_tokens": len(toks)}}
         return out
 
 
@@ -375,10 +420,14 @@ class VLLMLabeler:
             out.append(r)
         return out
 
-    def complete(self, prompts, max_tokens):
+    def complete(self, prompts, max_tokens, temperature=0.0, top_k=0, seeds=None):
         from vllm import SamplingParams
 
-        ids, results = self._run(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        if temperature > 0:  # one seeded sample per prompt (top_k -1: all tokens)
+            params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k or -1, seed=s)
+                      for s in seeds]
+        ids, results = self._run(prompts, params)
         return [{"text": r.outputs[0].text,
                  "usage": {"prompt_tokens": len(x), "completion_tokens": len(r.outputs[0].token_ids)}}
                 for x, r in zip(ids, results)]
@@ -597,18 +646,21 @@ class OpenAILabeler:
 
         return self._map(one, prompts)
 
-    def complete(self, prompts, max_tokens):
+    def complete(self, prompts, max_tokens, temperature=0.0, top_k=0, seeds=None):
+        """Greedy rationales, or one sample each at `temperature` seeded by seeds[i] (the chat-completions API has
+        no top-k: `top_k` is not sent)."""
         def parse(answer):
             text = answer["choices"][0]["message"]["content"]
             if not isinstance(text, str):
                 raise TypeError(f"message content is {type(text).__name__}, not text")
             return text
 
-        def one(prompt):
-            text, usage = self._post(self._body(prompt, max_tokens=max_tokens), parse)
+        def one(i):
+            sampling = {"temperature": temperature, "seed": seeds[i]} if temperature > 0 else {}
+            text, usage = self._post(self._body(prompts[i], max_tokens=max_tokens, **sampling), parse)
             return {"text": text, "usage": usage}
 
-        return self._map(one, prompts)
+        return self._map(one, range(len(prompts)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -634,6 +686,13 @@ class JudgeConfig:
     """chain of thought: decode a rationale greedily first, then read the answer after it"""
     cot_max_tokens: int = 512
     """longest rationale, in tokens"""
+    sc_samples: int = 1
+    """self-consistency (with --cot): rationales sampled per pair and order, each scored, their preference
+    distributions averaged (1: one rationale)"""
+    sc_temperature: float = 0.0
+    """temperature of the rationales (0: greedy; the paper's self-consistency used 0.3 to 1.0)"""
+    sc_top_k: int = 40
+    """rationale sampling keeps the k most likely tokens (0: all; the paper: 40; not sent to the OpenAI API)"""
     rule_temperature: float = 0.1
     """rule labeler: P(first better) = sigmoid(score difference / this + bias + noise)"""
     rule_position_bias: float = 0.0
@@ -682,7 +741,11 @@ def make_labeler(cfg, seed: int | None = None):
         return RuleLabeler(c.rule_temperature, c.rule_position_bias, c.rule_noise, seed=seed)
     if c.preamble not in PREAMBLES:
         raise ValueError(f"unknown preamble {c.preamble!r}; one of {sorted(PREAMBLES)}")
-    spec = PromptSpec(c.preamble, load_exemplars(c.exemplars, c.shots, c.cot), c.cot, c.cot_max_tokens)
+    if c.sc_samples < 1 or c.sc_temperature < 0 or c.sc_top_k < 0 or (c.sc_samples > 1 and not c.cot):
+        raise ValueError(f"self-consistency needs --cot, --sc-samples >= 1, --sc-temperature >= 0 and --sc-top-k >= 0 "
+                         f"(got {c.sc_samples}, {c.sc_temperature}, {c.sc_top_k}, cot {c.cot})")
+    spec = PromptSpec(c.preamble, load_exemplars(c.exemplars, c.shots, c.cot), c.cot, c.cot_max_tokens,
+                      c.sc_samples, c.sc_temperature, c.sc_top_k)
     if c.labeler == "hf":
         from transformers import AutoTokenizer
 
@@ -693,7 +756,8 @@ def make_labeler(cfg, seed: int | None = None):
         device = resolve_device(c.device)
         dtype = torch.bfloat16 if device.startswith("cuda") else None
         model = load_causal_lm(c.judge_model, dtype=dtype).to(device)
-        return HFLabeler(model, AutoTokenizer.from_pretrained(c.judge_model), spec, c.judge_batch_size, device)
+        return HFLabeler(model, AutoTokenizer.from_pretrained(c.judge_model), spec, c.judge_batch_size, device,
+                         seed)
     if c.labeler == "vllm":
         if not c.judge_model:
             raise ValueError("the vllm labeler needs --judge-model")
@@ -724,7 +788,8 @@ def judge_pairs(labeler, items: list[dict], orders: str = "both", seed: int = 0)
     """Soft labels for unordered pairs {"id", "subreddit", "title", "post", "summary_a", "summary_b", "facts"?}.
 
     Returns one row per item: {"id", "p_a_ab", "p_a_ba", "p_a", "mass_ab", "mass_ba", "null_reason"} (+
-    "rationale_ab" / "rationale_ba" with CoT, + "usage" when the labeler reports tokens), where
+    "rationale_ab" / "rationale_ba" with CoT (a list of K with self-consistency, + "p_a_samples_ab" / "_ba": each
+    sample's label), + "usage" when the labeler reports tokens), where
     p_a_ab = P(A better | A shown first), p_a_ba = P(A better | A shown second) = 1 - P(first better | B first),
     and p_a = the mean of the orders shown. p_a is None (with a reason) if any order shown gave no label:
     one order alone would bring the position bias back.
@@ -748,6 +813,9 @@ def judge_pairs(labeler, items: list[dict], orders: str = "both", seed: int = 0)
         rows[i][f"mass_{order}"] = v.get("mass")
         if v.get("rationale") is not None:
             rows[i][f"rationale_{order}"] = v["rationale"]
+        if v.get("p_first_samples") is not None:  # self-consistency: each sample's P(A better), un-flipped too
+            rows[i][f"p_a_samples_{order}"] = [p if order == "ab" or p is None else 1.0 - p
+                                               for p in v["p_first_samples"]]
         if p_first is None:
             reasons[i].append(f"{order}: {v.get('null_reason') or 'no label'}")
         usages[i].append(v.get("usage"))

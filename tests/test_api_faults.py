@@ -6,7 +6,8 @@ usage field is garbage, counts the tokens and attempts of failed tries, and neve
 echo the request headers in an error body or an answer).
 
 Every delay is short (client flags: backoff of milliseconds, request timeouts under a second); the server picks a
-free port, answers each request in its own daemon thread and shuts itself down after `lifetime` seconds."""
+free port, answers each request in its own daemon thread and shuts itself down after `lifetime` seconds (600:
+long enough for the label.py runs that use it on a loaded machine, short enough that a hung test ends)."""
 
 import json
 import math
@@ -42,7 +43,7 @@ class FakeAPI:
       echo        a 200 answer whose text (and top token) is the request's Authorization header
     It stops by itself after `lifetime` seconds, and answers 410 (not retryable) after `max_requests`."""
 
-    def __init__(self, default="ok", delay=0.0, top=TOP, lifetime=60.0, max_requests=1000):
+    def __init__(self, default="ok", delay=0.0, top=TOP, lifetime=600.0, max_requests=2000):
         self.plan, self.default, self.delay, self.top = [], default, delay, top
         self.retry_after, self.slow, self.drip, self.max_requests = "0", 1.0, 0.1, max_requests
         self.requests, self.lock = [], threading.Lock()
@@ -188,6 +189,18 @@ def test_openai_cot_sends_the_rationale_back(api):
     assert first["max_tokens"] == 64 and "logprobs" not in first
     assert second["messages"][0]["content"] == judges.cot_scoring_prompt(prompt("base", cot=True), "Summary 1 is fine.")
     assert row["usage"] == {"prompt_tokens": 200, "completion_tokens": 8, "requests": 2, "usage_unknown": 0}
+
+
+def test_openai_self_consistency_samples_each_rationale_with_its_own_seed(api):
+    lab = client(api.url, spec=PromptSpec("base", cot=True, cot_max_tokens=16, sc_samples=2, sc_temperature=0.7),
+                 seed=4)
+    (row,) = judges.judge_pairs(lab, [ITEM], orders="ab")
+    rationale = [r["body"] for r in api.requests if not r["body"].get("logprobs")]
+    assert sorted(b["seed"] for b in rationale) == sorted(judges.rationale_seed(4, {"id": "p1", "order": "ab"}, k)
+                                                          for k in range(2))
+    assert all(b["temperature"] == 0.7 and "top_k" not in b for b in rationale)  # the API has no top-k
+    assert row["rationale_ab"] == ["Summary 1 is fine."] * 2 and row["p_a"] == pytest.approx(P1)
+    assert row["usage"]["requests"] == 4
 
 
 def test_openai_answer_outside_top_logprobs_is_null_with_reason():

@@ -148,6 +148,82 @@ def test_hf_cot_decodes_greedily_then_scores_after_the_rationale(tiny_lm):
     assert row["p_a_ab"] == pytest.approx(p1, abs=1e-5)
 
 
+# self-consistency: K sampled rationales, each scored, the K distributions averaged
+
+
+def test_self_consistency_k1_at_temperature_0_is_plain_cot_and_k3_greedy_averages_to_it(tiny_lm):
+    model, tok = tiny_lm
+    items = [ITEM, {**ITEM, "id": "p2", "summary_b": "Sister crashed car."}]
+    plain = judges.judge_pairs(judges.HFLabeler(model, tok, PromptSpec("base", cot=True, cot_max_tokens=5)), items)
+    k1 = judges.judge_pairs(judges.HFLabeler(model, tok, PromptSpec("base", cot=True, cot_max_tokens=5, sc_samples=1,
+                                                                    sc_temperature=0.0, sc_top_k=40)), items)
+    assert k1 == plain
+    k3 = judges.judge_pairs(judges.HFLabeler(model, tok, PromptSpec("base", cot=True, cot_max_tokens=5, sc_samples=3,
+                                                                    sc_temperature=0.0)), items)
+    for a, b in zip(plain, k3):
+        assert b["rationale_ab"] == [a["rationale_ab"]] * 3 and b["p_a_samples_ab"] == pytest.approx([a["p_a_ab"]] * 3)
+        assert b["p_a"] == pytest.approx(a["p_a"], abs=1e-6)
+        assert b["usage"]["prompt_tokens"] == 3 * a["usage"]["prompt_tokens"]
+
+
+class SampledStub:
+    """An LM labeler whose k-th rationale of a pair is "r{k}" and whose P("1") after rationale "r{k}" is fixed, so
+    the averaged label is known by hand. Records the seeds it was asked to sample with."""
+
+    def __init__(self, p_first_of, k, temperature=0.7, seed=5):
+        self.p_first_of, self.seed, self.usage, self.seeds = p_first_of, seed, {}, []
+        self.spec = PromptSpec("base", cot=True, sc_samples=k, sc_temperature=temperature)
+
+    def complete(self, prompts, max_tokens, temperature=0.0, top_k=0, seeds=None):
+        assert temperature == self.spec.sc_temperature and top_k == 40
+        self.seeds += seeds
+        return [{"text": f"r{i % self.spec.sc_samples}"} for i in range(len(prompts))]  # query-major, K each
+
+    def choice_probs(self, prompts, choices):
+        ps = [self.p_first_of[int(p.rsplit(" r", 1)[1].split("\n")[0])] for p in prompts]
+        return [{"probs": None if p is None else [p, 1 - p], "mass": 1.0,
+                 "null_reason": None if p is not None else "unreadable"} for p in ps]
+
+    def judge(self, queries):
+        return judges.lm_judge(self, queries)
+
+
+def test_self_consistency_averages_distributions_not_votes():
+    # P(first) 0.9, 0.4, 0.4: the mean 0.567 prefers the first summary; a majority vote (2 of 3) would not
+    (row,) = judges.judge_pairs(SampledStub([0.9, 0.4, 0.4], k=3), [ITEM])
+    assert row["p_a_ab"] == pytest.approx(1.7 / 3) and row["p_a_ba"] == pytest.approx(1 - 1.7 / 3)
+    assert row["p_a_samples_ab"] == pytest.approx([0.9, 0.4, 0.4])
+    assert row["p_a_samples_ba"] == pytest.approx([0.1, 0.6, 0.6])  # un-flipped like p_a_ba
+    assert row["rationale_ab"] == ["r0", "r1", "r2"] and row["p_a"] == pytest.approx(0.5)
+    # an unreadable sample is left out of the mean; all unreadable is a null label with the reason
+    (row,) = judges.judge_pairs(SampledStub([0.9, None, 0.6], k=3), [ITEM], orders="ab")
+    assert row["p_a"] == pytest.approx(0.75) and row["p_a_samples_ab"] == [0.9, None, 0.6]
+    (row,) = judges.judge_pairs(SampledStub([None, None], k=2), [ITEM], orders="ab")
+    assert row["p_a"] is None and row["null_reason"] == "ab: none of the 2 samples readable: unreadable"
+    with pytest.raises(ValueError, match="needs --cot"):
+        judges.make_labeler(judges.JudgeConfig(labeler="openai", api_model="m", sc_samples=4))
+
+
+def test_self_consistency_seeds_are_per_pair_order_and_sample(tiny_lm):
+    stub = SampledStub([0.5] * 4, k=4)
+    judges.judge_pairs(stub, [ITEM, {**ITEM, "id": "p2"}])
+    q = {"id": "p2", "order": "ba"}
+    assert stub.seeds[-1] == judges.rationale_seed(5, q, 3) and len(set(stub.seeds)) == 16
+    model, tok = tiny_lm
+    spec = PromptSpec("base", cot=True, cot_max_tokens=6, sc_samples=3, sc_temperature=1.0, sc_top_k=40)
+    items = [ITEM, {**ITEM, "id": "p2", "summary_b": "Sister crashed car."}]
+    rows = judges.judge_pairs(judges.HFLabeler(model, tok, spec, batch_size=4, seed=1), items)
+    assert judges.judge_pairs(judges.HFLabeler(model, tok, spec, batch_size=4, seed=1), items) == rows  # a rerun
+    # a resumed run labels only what is missing, in other batches: the same rows
+    # (the rationales exactly; the probabilities up to float noise: padding changes the summation order)
+    (alone,) = judges.judge_pairs(judges.HFLabeler(model, tok, spec, batch_size=1, seed=1), items[1:])
+    for key, value in rows[1].items():
+        assert alone[key] == (pytest.approx(value, abs=1e-6) if key.startswith(("p_a", "mass")) else value), key
+    assert len(set(rows[0]["rationale_ab"])) > 1  # sampled, not greedy
+    other = judges.judge_pairs(judges.HFLabeler(model, tok, spec, batch_size=4, seed=2), items)
+    assert other[0]["rationale_ab"] != rows[0]["rationale_ab"]
+
+
 def test_hf_too_long_prompt_is_null_not_guessed(tiny_lm):
     model, tok = tiny_lm
     labeler = judges.HFLabeler(model, tok, PromptSpec("base"))

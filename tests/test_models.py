@@ -126,6 +126,23 @@ def test_sampler_logprobs_equal_a_fresh_forward_pass(policy, tok):
     assert torch.equal(alone.tokens[0], gen.tokens[3, :n]) and gen.mask[3, n:].sum() == 0
 
 
+def test_sampler_top_k_samples_only_the_k_most_likely_tokens(policy, tok):
+    ids, mask = pad_batch(_texts_as_queries(tok), tok.pad_token_id, side="left")
+    seeds, args = [1, 2, 3, 4, 5], (policy, ids, mask, 8, tok.eos_token_id, tok.pad_token_id)
+    greedy = generate(*args, greedy=True)
+    assert torch.equal(generate(*args, temperature=1.0, seeds=seeds, top_k=1).tokens, greedy.tokens)  # k=1: greedy
+    gen = generate(*args, temperature=1.0, seeds=seeds, top_k=3)
+    logits = response_logits(policy, torch.cat([ids, gen.tokens], 1), torch.cat([mask, gen.mask], 1),
+                             gen.tokens.shape[1])  # (B, R, V), by a fresh forward pass
+    top3 = logits.topk(3, dim=-1).indices  # (B, R, 3)
+    assert ((top3 == gen.tokens[..., None]).any(-1) | ~gen.mask.bool()).all()
+    # its log-probs are under the renormalised top-3 distribution: log(p / sum of the 3 largest p)
+    logp = torch.log_softmax(logits, -1)
+    want = (logp.gather(-1, gen.tokens[..., None])[..., 0] - logp.topk(3, -1).values.logsumexp(-1)) * gen.mask
+    torch.testing.assert_close(gen.logprobs, want, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(gen.tokens, generate(*args, temperature=1.0, seeds=seeds).tokens)  # k matters
+
+
 def test_sampler_stops_and_masks_after_eos(tok):
     # a "model" that always emits EOS after one token: every row stops, so generation stops early
     torch.manual_seed(0)

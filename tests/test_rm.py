@@ -362,3 +362,41 @@ def test_two_process_torchrun_matches_one_process(env, ai_run, tmp_path):
     two_metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     for k in ("acc_ai_test", "acc_human_conf8", "best_step"):
         assert two_metrics[k] == pytest.approx(ref_metrics[k], rel=1e-4), k
+
+
+def test_mix_keeps_all_of_both_or_subsamples_the_larger_source_to_the_human_fraction():
+    ai, human = [f"a{i}" for i in range(30)], [f"h{i}" for i in range(50)]
+    assert train_rm.mix(ai, human, -1, seed=0) == (ai + human, {"n_ai": 30, "n_human": 50, "n_ai_dropped": 0,
+                                                               "n_human_dropped": 0})
+    out, c = train_rm.mix(ai, human, 0.25, seed=0)  # 30 AI + 10 human: human is 1/4
+    assert out[:30] == ai and c["n_human"] == 10 == len(out) - 30 and set(out[30:]) <= set(human)
+    assert out[30:] == sorted(out[30:], key=human.index)  # source order kept
+    out, c = train_rm.mix(ai, human, 0.75, seed=0)  # too few human pairs for 3/4: 17 AI (50 / 67 = 0.746) + all 50
+    assert c == {"n_ai": 17, "n_human": 50, "n_ai_dropped": 13, "n_human_dropped": 0} and out[17:] == human
+    assert train_rm.mix(ai, human, 0.75, seed=0) == (out, c) and train_rm.mix(ai, human, 0.75, seed=1)[0] != out
+
+
+def test_mixed_feedback_trains_on_both_and_is_scored_on_the_same_test_sets(env, ai_run, tmp_path, monkeypatch):
+    d, _ = env
+    cfg_ai, ai_metrics = ai_run
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config(train_rm.Config, train_rm.PRESETS, micro_args(d, "", "--feedback", "mixed", "--max-steps", "4"))
+    metrics = train_rm.main(cfg)
+    assert (tmp_path / "runs" / "micro" / "rm_mixed" / "metrics.json").exists()
+    assert metrics["feedback"] == "mixed" and metrics["labels"] == "soft (AI) + hard (human choice)"
+    # the train pairs: the AI RM's own train pairs, plus the human train comparisons of the posts in the same
+    # (post-id hashed) train split; those of AI-test posts are left out
+    comps, _ = reward.load_human_pairs(str(d / "data" / "comparisons"), "train", Encoder(env[1], 200, 48))
+    where = [reward.split_of(p.id, cfg.seed, cfg.val_frac, cfg.test_frac) for p in comps]
+    mixed = metrics["counts"]["mixed_train"]
+    assert mixed["n_ai"] == ai_metrics["n_train"] and mixed["n_human"] == where.count("train") > 0
+    assert metrics["n_train"] == mixed["n_ai"] + mixed["n_human"]
+    assert metrics["counts"]["mixed_human_in_ai_test_posts"] == where.count("test") > 0
+    n_val = metrics["counts"]["mixed_validation"]["n_ai"] + where.count("validation")
+    assert metrics["n_val"] == min(cfg.n_val, n_val) and where.count("validation") > 0
+    # the same held-out sets as the AI RM (and the human RM's own test set)
+    for k in ("n_ai_test", "n_human_conf8"):
+        assert metrics[k] == ai_metrics[k]
+    assert metrics["n_human_test"] >= metrics["n_human_conf8"] > 0 and 0 <= metrics["acc_human_conf8"] <= 1
+    with pytest.raises(SystemExit, match="--human-frac"):
+        train_rm.main(dataclasses.replace(cfg, human_frac=1.0, out_dir=str(tmp_path / "bad")))
