@@ -283,8 +283,9 @@ def main(cfg: Config) -> dict:
         synthetic.write_task(cfg.task_dir)
     if dist.ddp:
         torch.distributed.barrier()
+    # the RM must be one (a causal LM would be scored by a random head); the value model may start from a causal LM
+    # (the paper initialises it from SFT): it then gets a new head seeded by cfg.seed, the same on every rank
     check_reward_model(cfg.rm_path, "--rm-path")
-    check_reward_model(cfg.value_path or cfg.rm_path, "--value-path" if cfg.value_path else "--rm-path")
     tokenizer = load_tokenizer(cfg.sft_path)
     posts, post_stats = load_posts(cfg.dataset, cfg.split)
     queries = [build_query(tokenizer, p, cfg.max_query_tokens)[1] for p in posts]
