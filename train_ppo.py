@@ -69,7 +69,8 @@ class Config:
     rm_path: str = "runs/{preset}/rm"
     """frozen reward model"""
     value_path: str = ""
-    """initial value model (head included); empty: the reward model"""
+    """initial value model: a reward model (head included), or a causal LM (a new head seeded by --seed); empty: the
+    reward model"""
     dataset: str = "runs/{preset}/data/sft"
     """queries: hub id or local file/dir in any supported schema (prompt-only jsonl rows too)"""
     split: str = "train"

@@ -229,7 +229,8 @@ def test_micro_run_learns_nothing_silly_and_saves(setup, tmp_path):
 
 def test_a_causal_lm_given_as_the_reward_model_is_refused(setup, tmp_path):
     """A causal LM as --rm-path is refused; as --value-path it is allowed (a value model may start from SFT, as in
-    the paper; tests/test_architectures.py runs that)."""
+    the paper; tests/test_architectures.py runs that, and test_two_process_torchrun_update_matches_one_process
+    checks that every rank draws the same new head)."""
     with pytest.raises(SystemExit, match="--rm-path .*not a reward model"):
         train_ppo.main(parse_config(train_ppo.Config, train_ppo.PRESETS,
                                     ppo_args(setup, tmp_path / "o", "--rm-path", str(setup["root"] / "sft"))))
@@ -290,8 +291,13 @@ def test_kill_and_resume_reproduces_the_uninterrupted_metrics(setup, tmp_path):
     assert final[out]["objective/kl_first"] == pytest.approx(0, abs=1e-5)  # update 1: sampled from the reference
 
 
-def test_two_process_torchrun_update_matches_one_process(setup, tmp_path):
+@pytest.mark.parametrize("value_from", ["rm", "sft"])
+def test_two_process_torchrun_update_matches_one_process(setup, tmp_path, value_from):
+    """With --value-path sft the value model gets a new head: every rank must draw the same one (seeded by --seed,
+    not by the rank's seed + rank), or the ranks would train different value models."""
     args = ["--total-episodes", "32", "--batch-size", "16", "--micro-batch-size", "4"]
+    if value_from == "sft":
+        args += ["--value-path", str(setup["root"] / "sft")]
     one = run(ppo_args(setup, tmp_path / "one", *args))
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
