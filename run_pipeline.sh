@@ -30,9 +30,11 @@ stage() {  # stage NAME LAUNCHER SCRIPT [flags...]
 }
 
 stage "1/7 SFT" "$launch" train_sft.py "$@"
+# the AI labels come before both branches: the RLHF reward model scores itself on their test split too
+# (acc_ai_test), so it must never read a pairs.jsonl that is still being written (its numbers would depend on timing)
+stage "2/7 AI labels" "$python" label.py "$@"
 
 rlaif() {
-    stage "2/7 AI labels" "$python" label.py "$@"
     stage "3/7 RLAIF reward model" "$launch" train_rm.py "$@"
     stage "4/7 RLAIF policy (PPO)" "$launch" train_ppo.py "$@"
 }
@@ -41,12 +43,12 @@ rlhf() {
     stage "6/7 RLHF policy (PPO)" "$launch" train_ppo.py --rm-path "$runs/rm_human" --out-dir "$runs/ppo_rlhf" "$@"
 }
 
-# The RLAIF and RLHF branches are independent after SFT. On a CPU preset they run side by side with one thread
+# The RLAIF and RLHF branches are independent after the labels. On a CPU preset they run side by side with one thread
 # each: a tiny model's small matrix products scale poorly past one core, so two 1-thread jobs finish well before
 # two 2-thread jobs in a row. Each branch's output goes to its own log file.
 if [[ "${PARALLEL:-auto}" == 1 || ( "${PARALLEL:-auto}" == auto && "$preset" != gpt2-large ) ]]; then
     mkdir -p "$runs/logs"
-    echo "=== RLAIF (stages 2-4) and RLHF (stages 5-6) side by side; logs: $runs/logs/{rlaif,rlhf}.log"
+    echo "=== RLAIF (stages 3-4) and RLHF (stages 5-6) side by side; logs: $runs/logs/{rlaif,rlhf}.log"
     OMP_NUM_THREADS=1 rlaif "$@" > "$runs/logs/rlaif.log" 2>&1 &
     rlaif_pid=$!
     OMP_NUM_THREADS=1 rlhf "$@" > "$runs/logs/rlhf.log" 2>&1 &

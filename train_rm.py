@@ -84,7 +84,8 @@ class Config:
     sft_path: str = "runs/{preset}/sft"
     """the SFT checkpoint the reward model starts from (and whose tokenizer it uses); --sft-model: deprecated alias"""
     labels_path: str = "runs/{preset}/labels/pairs.jsonl"
-    """label.py's AI-labeled pairs (trains the AI RM; its test split gives acc_ai_test for both feedback kinds)"""
+    """label.py's AI-labeled pairs (trains the AI RM; its test split gives acc_ai_test for both feedback kinds; an
+    unfinished label.py run is refused)"""
     labels: str = "soft"
     """ai feedback: soft (the judge's probability) or hard (its argmax; ties p_a == 0.5 excluded)"""
     drop_inconsistent: bool = False
@@ -208,12 +209,25 @@ def mix(ai: list, human: list, human_frac: float, seed: int) -> tuple[list, dict
                                                    "n_human_dropped": len(human) - n_human}
 
 
+def require_finished_labels(path: Path) -> None:
+    """Refuse a pairs.jsonl that label.py is still writing: what an RM reports must not depend on timing.
+
+    label.py writes run_config.json when it starts and metrics.json when it is done; a file of pairs without them
+    (written by hand, or by a script) is taken as it is.
+    """
+    d = path.parent
+    if (d / "run_config.json").is_file() and not (d / "metrics.json").is_file():
+        raise SystemExit(f"{path}: label.py's run in {d} has not finished (no metrics.json there): rerun this after "
+                         f"it, or pass --labels-path '' (human feedback: then acc_ai_test is not computed)")
+
+
 def load_data(cfg: Config, enc: Encoder, master: bool) -> tuple[dict, dict]:
     """(sets, counts): train / validation pairs of the chosen feedback, and the test sets every RM is scored on."""
     counts, sets = {}, {}
     ai_path = Path(cfg.labels_path)
     ai = None
     if cfg.feedback in ("ai", "mixed") or ai_path.is_file():
+        require_finished_labels(ai_path)
         ai_pairs, ai_stats = load_ai_pairs(ai_path, enc)
         ai = split_by_id(ai_pairs, cfg.seed, cfg.val_frac, cfg.test_frac)
         counts["ai_labels"] = ai_stats

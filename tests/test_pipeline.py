@@ -29,7 +29,11 @@ def test_micro_pipeline_runs_every_stage_then_skips_them(tmp_path):
     # the RLHF stages read the human RM, not the AI one
     ppo_rlhf = json.loads((runs / "ppo_rlhf" / "manifest.json").read_text())
     assert ppo_rlhf["config"]["rm_path"].endswith("rm_human")
-    assert json.loads((runs / "rm_human" / "manifest.json").read_text())["config"]["feedback"] == "human"
+    rm_human = json.loads((runs / "rm_human" / "manifest.json").read_text())
+    assert rm_human["config"]["feedback"] == "human"
+    # the labels are finished before the RLHF branch starts: rm_human always scores itself on the AI test split
+    assert json.loads((runs / "rm_human" / "metrics.json").read_text())["acc_ai_test"] is not None
+    assert "labels" in rm_human["inputs"]
 
     report = json.loads((runs / "eval" / "eval.json").read_text())
     pairs = {(c["policy"], c["baseline"]) for c in report["comparisons"]}

@@ -348,6 +348,20 @@ def test_human_feedback_run_with_default_out_dir(env, tmp_path, monkeypatch):
     assert metrics["ece_set"].startswith("human_test")
 
 
+def test_labels_label_py_is_still_writing_are_refused(env, tmp_path):
+    """A pairs.jsonl whose label.py run has not finished (run_config.json, no metrics.json) is never read, so an
+    RM's numbers cannot depend on how far the labeling got."""
+    d, _ = env
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "pairs.jsonl").write_text("".join((d / "pairs.jsonl").read_text().splitlines(keepends=True)[:10]))
+    (labels / "run_config.json").write_text("{}")
+    for feedback in ("human", "ai"):
+        args = micro_args(d, tmp_path / feedback, "--feedback", feedback, "--labels-path", str(labels / "pairs.jsonl"))
+        with pytest.raises(SystemExit, match="has not finished"):
+            train_rm.main(parse_config(train_rm.Config, train_rm.PRESETS, args))
+
+
 def test_two_process_torchrun_matches_one_process(env, ai_run, tmp_path):
     d, _ = env
     ref_cfg, ref_metrics = ai_run
