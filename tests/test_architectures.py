@@ -1,4 +1,6 @@
-"""Every stage on any causal LM: tiny random GPT-2, Llama, Qwen2, Gemma-2 (softcapped logits) and GPT-NeoX.
+"""Every stage on any causal LM: tiny random GPT-2, Llama, Qwen2, Gemma-2 (softcapped logits) and GPT-NeoX
+(and the sampler test on Cohere and Granite, whose logits are scaled; transformers has no sequence classifier
+for them, so they cannot be reward models).
 
 Per architecture: the sampler's log-probs equal a fresh `model(...)` forward (the model's own logit
 post-processing included) to 1e-5; rewards do not depend on padding; shared-prefix rewards equal separate
@@ -12,8 +14,8 @@ import json
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Gemma2Config, GPT2Config,
-                          GPTNeoXConfig, LlamaConfig, Qwen2Config)
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, CohereConfig, Gemma2Config,
+                          GPT2Config, GPTNeoXConfig, GraniteConfig, LlamaConfig, Qwen2Config)
 
 import evaluate
 import label
@@ -52,10 +54,17 @@ def make_config(arch: str, tok, pad_vocab: bool = False):
                             attn_logit_softcapping=50.0, sliding_window=256, query_pre_attn_scalar=8, **small)
     if arch == "gpt_neox":
         return GPTNeoXConfig(vocab_size=len(tok), rotary_pct=0.5, **small)
+    if arch == "cohere":  # logits * logit_scale (4: large enough to matter on random logits)
+        return CohereConfig(vocab_size=len(tok), num_key_value_heads=2, logit_scale=4.0, **small)
+    if arch == "granite":  # logits / logits_scaling
+        return GraniteConfig(vocab_size=len(tok), num_key_value_heads=2, logits_scaling=0.25, **small)
     raise ValueError(arch)
 
 
-ARCHS = ["gpt2", "llama", "qwen2", "gemma2", "gpt_neox"]
+ARCHS = ["gpt2", "llama", "qwen2", "gemma2", "gpt_neox"]  # every test, the micro pipeline included
+LOGIT_POSTPROCESSING = {"gemma2": "final_logit_softcapping", "cohere": "logit_scale", "granite": "logits_scaling"}
+# the sampler test only: transformers has no *ForSequenceClassification for these two, so no RM can be built from them
+ALL_ARCHS = [*ARCHS, "cohere", "granite"]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +77,7 @@ def task(tmp_path_factory):
     return {"dir": d, "posts": posts, "tok": tok}
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module")
 def ckpt(request, task, tmp_path_factory):
     """A random tiny model of the architecture, saved with the BPE tokenizer like a hub checkpoint."""
     arch = request.param
@@ -103,6 +112,7 @@ def queries(task, n=5, max_tokens=120):
     return [build_query(task["tok"], p, max_tokens)[1] for p in task["posts"][:n]]
 
 
+@pytest.mark.parametrize("ckpt", ALL_ARCHS, indirect=True)
 def test_sampler_logprobs_equal_a_fresh_forward(task, ckpt):
     tok = task["tok"]
     model = load_causal_lm(str(ckpt["dir"])).eval()
@@ -121,15 +131,17 @@ def test_sampler_logprobs_equal_a_fresh_forward(task, ckpt):
         torch.testing.assert_close(response_logits(model, ids, mask, R), fresh[:, -R - 1:-1], atol=1e-5, rtol=0)
         last, _ = causal_lm_logits(model, ids, mask, keep=1)
         torch.testing.assert_close(last[:, 0], fresh[:, -1], atol=1e-5, rtol=0)
-        if ckpt["arch"] == "gemma2":  # the post-processing is real here: the bare output layer gives other logits
+        if ckpt["arch"] in LOGIT_POSTPROCESSING:  # it is real here: the bare output layer gives other logits
+            assert getattr(model.config, LOGIT_POSTPROCESSING[ckpt["arch"]]) not in (None, 1.0)
             hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
-            assert (model.lm_head(hidden) - fresh).abs().max() > 0.5
+            assert (model.lm_head(hidden) - fresh).abs().max() > 0.1
 
 
 def reward_model(ckpt, tok, seed=0):
     return load_scalar_model(str(ckpt["dir"]), pad_token_id=tok.pad_token_id, head_seed=seed).eval()
 
 
+@pytest.mark.parametrize("ckpt", ARCHS, indirect=True)
 def test_rewards_are_padding_invariant_and_shared_prefix_equals_separate(task, ckpt):
     tok = task["tok"]
     rm = reward_model(ckpt, tok)
@@ -146,6 +158,7 @@ def test_rewards_are_padding_invariant_and_shared_prefix_equals_separate(task, c
         torch.testing.assert_close(shared_prefix_rewards(rm, q_ids, q_mask, s_ids, s_mask), alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("ckpt", ARCHS, indirect=True)
 def test_new_scalar_head_depends_on_head_seed_only(task, ckpt):
     """Under torchrun each rank seeds its global RNG with seed + rank: the head must not depend on it."""
     tok = task["tok"]
@@ -159,6 +172,7 @@ def test_new_scalar_head_depends_on_head_seed_only(task, ckpt):
     assert a.std().item() == pytest.approx(std, rel=0.5)  # transformers' own init scale
 
 
+@pytest.mark.parametrize("ckpt", ARCHS, indirect=True)
 def test_reward_offset_rule_in_our_loader_and_plain_transformers(task, ckpt, tmp_path):
     """Reference summaries score 0 after the offset, read by us and by plain transformers + the README rule."""
     tok = task["tok"]
@@ -184,6 +198,7 @@ def test_reward_offset_rule_in_our_loader_and_plain_transformers(task, ckpt, tmp
         assert plain.config.reward_offset == pytest.approx(offset)
 
 
+@pytest.mark.parametrize("ckpt", ARCHS, indirect=True)
 def test_micro_pipeline_runs_every_stage(task, ckpt, tmp_path):
     """SFT from the checkpoint, candidates + labels, RM, PPO, evaluate: a few steps each, on this architecture."""
     d, runs = task["dir"], tmp_path
