@@ -228,3 +228,42 @@ def test_candidates_of_another_run_are_read_only(setup, micro, tmp_path):
     with pytest.raises(SystemExit, match="no candidates for 8 of the 24 posts"):
         run_main(setup, tmp_path / "mine2", "--candidates", str(theirs))
     assert theirs.read_bytes() == short
+
+
+def test_grid_runs_every_cell_and_its_table_is_computed_from_the_rows_it_wrote(setup, tmp_path):
+    out = tmp_path / "grid"
+    extra = ("--grid", "--rule-temperature", "2", "--rule-noise", "1", "--rule-position-bias", "1",
+             "--grid-sc-samples", "2")
+    result = run_main(setup, out, *extra)
+    cells = [r["cell"] for r in result["cells"]]
+    assert cells == [f"{p}-{k}shot{c}" for c in ("", "-cot") for k in (0, 1, 2) for p in ("base", "detailed")] + \
+        ["detailed-0shot-cot-sc-T0.3", "detailed-0shot-cot-sc-T1"]
+    saved = json.loads((out / "grid.json").read_text())["cells"]
+    assert saved == json.loads(json.dumps(result["cells"]))
+    table = (out / "grid.md").read_text()
+    assert table.count("\n| ") == 1 + len(cells) and "| detailed-0shot-cot | " in table
+
+    def by_hand(cell):  # from the cell's pairs.jsonl and the comparisons, with a loop of our own
+        pairs, gold = rows(out / cell / "pairs.jsonl"), {}
+        for c in label.align_items(parse_config(label.Config, label.PRESETS, args(setup, out, "--align")))[0]:
+            gold[c["id"]] = synthetic.score(c, c["summary_a"]) - synthetic.score(c, c["summary_b"])
+        human = [1.0 if (r["p_a"] > 0.5) == (r["human_choice"] == 0) else 0.0 for r in pairs if r["p_a"] != 0.5]
+        g = [(r["p_a"] > 0.5) == (gold[r["id"]] > 0) for r in pairs if gold[r["id"]] != 0 and r["p_a"] != 0.5]
+        same = [(r["p_a_ab"] > 0.5) != (r["p_a_ba"] > 0.5) for r in pairs]
+        return sum(human) / len(human), sum(g) / len(g), sum(same) / len(same), len(pairs)
+
+    line = saved[0]
+    human, gold, same, n = by_hand("base-0shot")
+    assert line["n_pairs"] == n > 0 and line["paper_alignment"] == 76.1 and line["prompt_tokens_per_pair"] is None
+    assert line["alignment_human"] == pytest.approx(human) and line["alignment_gold"] == pytest.approx(gold)
+    assert line["same_position_rate"] == pytest.approx(same) and same > 0  # position bias 1 logit: some flip
+    lo, hi = line["alignment_human_ci95"]
+    assert lo <= human <= hi and lo < hi
+    # rewrite one cell's rows (every label flipped): a rerun labels nothing and its table follows the rows
+    path = out / "base-0shot" / "pairs.jsonl"
+    flipped = [{**r, "p_a": 1 - r["p_a"], "p_a_ab": 1 - r["p_a_ba"], "p_a_ba": 1 - r["p_a_ab"]} for r in rows(path)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in flipped))
+    again = run_main(setup, out, *extra)["cells"]
+    assert again[0]["alignment_human"] == pytest.approx(1 - human) and again[1:] == result["cells"][1:]
+    with pytest.raises(SystemExit, match="unknown cells"):
+        run_main(setup, out, *extra, "--grid-cells", "detailed-8shot")
