@@ -61,9 +61,9 @@ from minirlaif.reward import (HUMAN_CONFIDENCE, Encoder, PairRewards, evaluate_p
                               load_human_pairs, mean_reference_reward, padding_invariance, pair_batch, pair_metrics,
                               score_pairs, split_by_id, training_labels)
 from minirlaif.utils import (MetricLogger, all_reduce, autocast, batch_indices, cleanup_dist, clear_checkpoint,
-                             config_dict, finished_metrics, load_checkpoint, parse_config, quiet_transformers,
-                             save_atomic, save_checkpoint, set_seed, setup_dist, stop_non_finite, write_json,
-                             write_manifest)
+                             config_dict, finished_metrics, linear_lr, load_checkpoint, parse_config,
+                             quiet_transformers, save_atomic, save_checkpoint, set_seed, setup_dist, stop_non_finite,
+                             write_json, write_manifest)
 
 
 @dataclass
@@ -174,13 +174,6 @@ def pair_loss(rewards_fn, q_ids, q_mask, s_ids, s_mask, prob_a, center_coef: flo
     if center_coef:
         loss = loss + center_coef * ((r_a + r_b) ** 2).mean()
     return loss, r_a, r_b
-
-
-def lr_at(step: int, total: int, cfg: Config) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * frac)
 
 
 def validation(model, val, cfg: Config, pad_id: int, device, dist) -> dict:
@@ -334,7 +327,7 @@ def main(cfg: Config) -> dict:
     bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc="rm", disable=not master)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total_steps, cfg)
+            group["lr"] = linear_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         batch = [train[i] for i in batch_indices(step, len(train), cfg.batch_size, cfg.seed)]
         mine = batch[dist.rank::dist.world_size]  # this rank's share of the global batch
         micro = [mine[i: i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]

@@ -35,8 +35,9 @@ from minirlaif.generation import generate_texts
 from minirlaif.models import (fuse_gelu, grow_embeddings, load_causal_lm, load_tokenizer, pad_batch, position_ids,
                               set_attention, tiny_gpt2_config, train_bpe_tokenizer)
 from minirlaif.utils import (MetricLogger, all_reduce, autocast, batch_indices, cleanup_dist, clear_checkpoint,
-                             config_dict, finished_metrics, load_checkpoint, parse_config, quiet_transformers,
-                             save_checkpoint, set_seed, setup_dist, stop_non_finite, write_json, write_manifest)
+                             config_dict, finished_metrics, linear_lr, load_checkpoint, parse_config,
+                             quiet_transformers, save_checkpoint, set_seed, setup_dist, stop_non_finite, write_json,
+                             write_manifest)
 
 
 @dataclass
@@ -152,13 +153,6 @@ def completion_loss_sum(model, ids, mask, loss_mask) -> torch.Tensor:
                            reduction="sum")
 
 
-def lr_at(step: int, total: int, cfg: Config) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * frac)
-
-
 @torch.no_grad()
 def validation_loss(model, examples, cfg: Config, pad_id: int, device, dist) -> float:
     model.eval()
@@ -256,7 +250,7 @@ def main(cfg: Config) -> dict:
     bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc="sft", disable=not master)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total_steps, cfg)
+            group["lr"] = linear_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         batch = [train[i] for i in batch_indices(step, len(train), cfg.batch_size, cfg.seed)]
         mine = batch[dist.rank::dist.world_size]  # this rank's share of the global batch
         micro = [collate(mine[i: i + cfg.micro_batch_size], tokenizer.pad_token_id)

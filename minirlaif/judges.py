@@ -144,29 +144,69 @@ def load_exemplars(path: str | Path = "", shots: int = 0, cot: bool = False) -> 
     return rows[:shots]
 
 
-# direct scoring (d-RLAIF hook): one summary, a score on 1..9 (single digits: one token each in any BPE; the
-# paper's 1..10 would make "1" ambiguous with the start of "10"), reward = expected score rescaled to [-1, 1]
-SCORE_CHOICES = tuple(str(i) for i in range(1, 10))
-SCORE_INSTRUCTION = ("Rate the summary of the text below from 1 (useless) to 9 (excellent) for its coherence, "
-                     "accuracy, coverage and overall quality. Answer with a single digit.")
-SCORE_ENDING = "Score="
+# direct RLAIF (d-RLAIF, the paper's App. D): the labeler rates one summary from 1 to 10, and the reward is the
+# expected rating sum_i i * P(i), rescaled from [1, 10] to [-1, 1]
+RATING_PREAMBLE = ("You are an expert summary rater. Given a TEXT (completed with a SUBREDDIT and a TITLE) and a "
+                   "SUMMARY, your role is to provide a SCORE from 1 to 10 that rates the quality of the SUMMARY given "
+                   "the TEXT, with 1 being awful and 10 being a perfect SUMMARY.")
+RATINGS = tuple(range(1, 11))
 
 
-def build_score_prompt(text: str, summary: str) -> str:
-    return f"{SCORE_INSTRUCTION}\n\nText - {text}\nSummary - {summary}\n{SCORE_ENDING}"
+def build_rating_prompt(text: str, summary: str) -> str:
+    """The paper's rating prompt. It ends with "SCORE:" and the rating is read as " N", so "SCORE: N" is tokenized
+    as that text would be (a BPE puts the space in front of the number, not at the end of the prompt)."""
+    return f"{RATING_PREAMBLE}\n\nTEXT: {text}\n\nSUMMARY: {summary}\n\nSCORE:"
+
+
+def rating_reward(probs) -> float:
+    """The d-RLAIF reward of a distribution over the ratings 1..10: s = sum_i i * P(i), rescaled to [-1, 1]."""
+    expected = sum(i * p for i, p in zip(RATINGS, probs))  # in [1, 10]
+    return (expected - 5.5) / 4.5
 
 
 def direct_scores(labeler, items: list[dict], summary_key: str = "summary") -> list[float | None]:
-    """d-RLAIF rewards: sum_i i * P(i) over the digits 1..9, rescaled to [-1, 1]; None where unreadable."""
-    prompts = [build_score_prompt(judge_text(it), it[summary_key]) for it in items]
-    out = []
-    for r in labeler.choice_probs(prompts, SCORE_CHOICES):
-        if r["probs"] is None:
-            out.append(None)
-            continue
-        expected = sum((k + 1) * p for k, p in enumerate(r["probs"]))  # in [1, 9]
-        out.append((expected - 1) / 4 - 1)
-    return out
+    """d-RLAIF rewards of {"id", "subreddit", "title", "post", "facts", summary_key} items, in [-1, 1]; None where
+    the labeler could not rate (the reason is in its `rating_probs` row). One batched labeler call for all."""
+    if isinstance(labeler, RuleLabeler):
+        rows = labeler.rating_probs(items, summary_key)
+    elif hasattr(labeler, "rating_probs"):
+        rows = labeler.rating_probs([build_rating_prompt(judge_text(it), it[summary_key]) for it in items])
+    else:
+        raise ValueError(f"{type(labeler).__name__} cannot rate single summaries (d-RLAIF needs the rule or hf "
+                         f"labeler)")
+    return [None if r["probs"] is None else rating_reward(r["probs"]) for r in rows]
+
+
+class DirectRewards:
+    """d-RLAIF as a reward function for RL: `rewards(items)` -> one reward (or None) per (post, summary).
+
+    A cache keyed by (post id, summary) makes sure the labeler is never asked twice about the same response: each
+    call sends one batch of the not-yet-rated ones. `calls` counts what the labeler was asked, `unrated` the
+    responses it could not rate (those get None, never a made-up reward; the trainer leaves them out). The state
+    (cache and counters) goes into the trainer's checkpoint, so a resumed run asks and counts what an
+    uninterrupted one would.
+    """
+
+    def __init__(self, labeler):
+        self.labeler, self.cache, self.calls, self.unrated = labeler, {}, 0, 0
+
+    def __call__(self, items: list[dict]) -> list[float | None]:
+        keys = [(it["id"], it["summary"]) for it in items]
+        todo = {k: it for k, it in zip(keys, items) if k not in self.cache}  # distinct and new, in order
+        if todo:
+            for k, r in zip(todo, direct_scores(self.labeler, list(todo.values()))):
+                self.cache[k] = r
+            self.calls += len(todo)
+            self.unrated += sum(self.cache[k] is None for k in todo)
+        return [self.cache[k] for k in keys]
+
+    def state_dict(self) -> dict:
+        return {"cache": [[i, s, r] for (i, s), r in self.cache.items()], "calls": self.calls,
+                "unrated": self.unrated}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cache = {(i, s): r for i, s, r in state["cache"]}
+        self.calls, self.unrated = state["calls"], state["unrated"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,6 +346,26 @@ class RuleLabeler:
             verdicts.append({"p_first": p, "mass": None, "rationale": None, "null_reason": None, "usage": None})
         return verdicts
 
+    def rating_probs(self, items: list[dict], summary_key: str = "summary") -> list[dict]:
+        """d-RLAIF ratings: the rule score s of each summary, plus Gaussian noise of std `temperature * noise` (the
+        pairwise labeler's logit noise in score units), seeded by (seed, id, summary); the rating distribution is
+        P(i) ~ exp(-(i - mu)^2 / 2) over 1..10 around mu = 5.5 + 4.5 * clip(s, -1, 1) (a gold summary: 10)."""
+        from minirlaif.synthetic import score
+
+        out = []
+        for it in items:
+            if not it.get("facts"):
+                raise ValueError(f"{it.get('id')}: the rule labeler reads the synthetic task's `facts`, which this "
+                                 f"post does not have; rate real data with --labeler hf")
+            s = score({"facts": it["facts"]}, it[summary_key])
+            if self.judge_fn.noise > 0:
+                rng = random.Random(f"{self.seed}:{it['id']}:{it[summary_key]}")
+                s += self.judge_fn.temperature * rng.gauss(0.0, self.judge_fn.noise)
+            mu = 5.5 + 4.5 * min(max(s, -1.0), 1.0)
+            w = [math.exp(-((i - mu) ** 2) / 2) for i in RATINGS]
+            out.append({"probs": [x / sum(w) for x in w], "mass": None, "null_reason": None})
+        return out
+
 
 class HFLabeler:
     """Any local causal LM through transformers: one forward pass per prompt, P(next token) at its end.
@@ -354,6 +414,64 @@ class HFLabeler:
                 raw = [probs[row, c].sum().item() for c in cand]
                 out[i] = {**normalise(raw, f"zero probability on {list(choices)}"),
                           "usage": {"prompt_tokens": len(ids[i]), "completion_tokens": 1}}
+        return out
+
+    def _digit_start(self, V: int) -> torch.Tensor:
+        """(V,) bool: the tokens whose text starts with a digit, i.e. that would make a number longer."""
+        if getattr(self, "_digits", None) is None or len(self._digits) != V:
+            n = len(self.tokenizer)
+            self._digits = torch.tensor([i < n and self.tokenizer.decode([i])[:1].isdigit() for i in range(V)])
+        return self._digits
+
+    @torch.no_grad()
+    def rating_probs(self, prompts: list[str], ratings: tuple[int, ...] = RATINGS) -> list[dict]:
+        """P(rating) after each prompt, each rating read as a whole number (d-RLAIF).
+
+        Rating r is the continuation " r" scored token by token, as the text "prompt r" tokenizes: "10" may be one
+        token or "1" + "0", so it is never read as the token "1". P(r) = P(" r" | prompt) * P(the number ends |
+        prompt + " r"), the second factor being 1 - P(next token starts with a digit): without it, the mass of
+        "1" would include that of "10" (and of "11", which is no rating). Normalised over the ratings; "mass" is
+        their sum before normalising. One forward pass per (prompt, rating), batched.
+        """
+        from minirlaif.models import head, hidden_states, pad_batch
+
+        seqs, conts, owner, rating = [], [], [], []
+        for n, p in enumerate(prompts):
+            ids = encode_prompt(self.tokenizer, p)
+            for r in ratings:
+                full = encode_prompt(self.tokenizer, f"{p} {r}")
+                cont = (full[len(ids):] if full[:len(ids)] == ids and len(full) > len(ids)
+                        else self.tokenizer.encode(f" {r}", add_special_tokens=False))
+                seqs.append(ids + cont)
+                conts.append(cont)
+                owner.append(n)
+                rating.append(r)
+        raw: list[dict] = [{} for _ in prompts]  # prompt -> {rating: P(rating), not normalised}
+        too_long = [False] * len(prompts)
+        for idx in self._batches(seqs):
+            fits = [i for i in idx if len(seqs[i]) <= self.max_len]
+            for i in idx:
+                too_long[owner[i]] |= len(seqs[i]) > self.max_len
+            if not fits:
+                continue
+            x, mask = pad_batch([seqs[i] for i in fits], self.pad_id, side="left")
+            n = max(len(conts[i]) for i in fits)
+            hidden, _ = hidden_states(self.model, x.to(self.device), mask.to(self.device))
+            logp = torch.log_softmax(head(self.model)(hidden[:, -n - 1:]).float(), dim=-1).cpu()  # (b, n + 1, V)
+            digits = self._digit_start(logp.shape[-1])
+            for row, i in enumerate(fits):
+                c = conts[i]
+                # entry e of logp predicts the token at position len - n + e; c[j] sits at len - len(c) + j
+                lp = sum(logp[row, n - len(c) + j, c[j]].item() for j in range(len(c)))
+                ends = 1.0 - logp[row, n].exp()[digits].sum().item()  # after the whole rating: no further digit
+                raw[owner[i]][rating[i]] = math.exp(lp) * ends
+        out = []
+        for n in range(len(prompts)):
+            if too_long[n]:
+                out.append({"probs": None, "mass": None,
+                            "null_reason": f"prompt + rating over the labeler's {self.max_len} tokens"})
+                continue
+            out.append(normalise([raw[n][r] for r in ratings], f"zero probability on the ratings {list(ratings)}"))
         return out
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""The algorithm core of minirlaif: masked statistics, log-probs, KL estimators, GAE, PPO and reward-model losses.
+"""The algorithm core of minirlaif: masked statistics, log-probs, KL estimators, advantage estimators (GAE,
+REINFORCE with a baseline, RLOO, GRPO), PPO and reward-model losses.
 
 Everything here is a pure function on tensors (plus two tiny KL-coefficient controllers); no model code.
 
@@ -13,7 +14,10 @@ Sources followed (see docs/loss_math.md for the formulas and where the sources d
   * OpenAI lm-human-preferences (Ziegler et al. 2019): whitening, adaptive KL controller.
   * "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024) and TRL 0.13's PPOTrainer:
     per-token KL reward, GAE, clipped policy and value losses, clipfrac / approx_kl statistics.
-  * "RLAIF vs. RLHF" (Lee et al. 2023): the soft-label Bradley-Terry reward-model loss.
+  * "RLAIF vs. RLHF" (Lee et al. 2023): the soft-label Bradley-Terry reward-model loss; REINFORCE with a value
+    baseline on a sequence-level reward.
+  * Kool et al. 2019 / Ahmadian et al. 2024 ("Back to Basics"): RLOO; Shao et al. 2024 (DeepSeekMath): GRPO's
+    group-normalised advantages.
   * Schulman, "Approximating KL divergence" (2020): the k1 / k2 / k3 estimators.
 """
 
@@ -254,6 +258,69 @@ def gae(rewards, values, mask, gamma, lam):
         next_value, next_advantage = values[:, t], advantage
     returns = torch.where(mask, advantages + values, zero)
     return advantages, returns
+
+
+def sequence_returns(rewards, mask):
+    """Undiscounted return of each whole response: the sum of its valid per-token rewards. (B, T) -> (B,), fp32+."""
+    dtype = _compute_dtype(rewards.dtype)
+    return torch.where(mask.bool(), rewards.to(dtype), torch.zeros((), dtype=dtype, device=rewards.device)).sum(1)
+
+
+def _broadcast(per_sequence, mask):
+    """A (B,) per-sequence advantage on every valid token of its row, 0 at padding. -> (B, T)"""
+    zero = torch.zeros((), dtype=per_sequence.dtype, device=per_sequence.device)
+    return torch.where(mask.bool(), per_sequence[:, None], zero)
+
+
+def reinforce_advantages(rewards, values, mask):
+    """REINFORCE with a learned value baseline, on a sequence-level reward (the RLAIF paper's estimator).
+
+      R   = sum_t r_t                    (the response is one action: score - kl_coef * sum_t KL_t)
+      A_t = R - V(x)                      on every valid token, V(x) = values[:, 0], the value before the first
+                                          response token (it has seen only the query)
+      returns_t = R                       every value position is trained toward the sequence's return
+    rewards, values, mask: (B, T). Returns (advantages, returns), (B, T), 0 at padding, at least fp32. Unlike GAE
+    (lam < 1) nothing is bootstrapped from later values: the baseline only lowers the variance, the expected
+    gradient is the plain policy gradient's. Call under no_grad.
+    """
+    R = sequence_returns(rewards, mask)  # (B,)
+    baseline = values[:, 0].to(R.dtype)  # (B,) V(x)
+    return _broadcast(R - baseline, mask), _broadcast(R, mask)
+
+
+def _groups(per_sequence, k):
+    """(B,) -> (B / k, k): the k samples of each query are consecutive rows (the trainer lays batches out so)."""
+    if k < 2 or per_sequence.shape[0] % k:
+        raise ValueError(f"group estimators need k >= 2 samples per query and a batch of whole groups; got k={k}, "
+                         f"batch {per_sequence.shape[0]}")
+    return per_sequence.view(-1, k)
+
+
+def rloo_advantages(rewards, mask, k):
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): no value model.
+
+    Rows i = g*k .. g*k + k - 1 are k samples of the same query g. With R_i = sum_t r_t of sample i:
+      A_i = R_i - (sum_{j in group, j != i} R_j) / (k - 1)
+    i.e. the baseline of each sample is the mean return of the *other* samples of its query, so it does not
+    depend on the sample itself and the gradient stays unbiased. A_i is put on every valid token of row i.
+    rewards, mask: (B, T) with B a multiple of k >= 2. Returns advantages (B, T), 0 at padding. Call under no_grad.
+    """
+    R = _groups(sequence_returns(rewards, mask), k)  # (G, k)
+    baseline = (R.sum(1, keepdim=True) - R) / (k - 1)  # (G, k), leave-one-out mean
+    return _broadcast((R - baseline).flatten(), mask)
+
+
+def grpo_advantages(rewards, mask, k, eps=1e-4):
+    """GRPO-style group-normalised advantages (Shao et al. 2024): no value model.
+
+      A_i = (R_i - mean_group(R)) / (std_group(R) + eps)
+    with the mean and the (unbiased, as TRL's GRPOTrainer) std over the k samples of sample i's own query only;
+    R_i = sum_t r_t. A_i is put on every valid token of row i. A group whose samples all score alike gets A = 0.
+    rewards, mask: (B, T) with B a multiple of k >= 2. Returns advantages (B, T), 0 at padding. Call under no_grad.
+    """
+    R = _groups(sequence_returns(rewards, mask), k)  # (G, k)
+    A = (R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + eps)  # (G, k)
+    return _broadcast(A.flatten(), mask)
 
 
 # ----------------------------------------------------------------------------------------------------------

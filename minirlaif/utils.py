@@ -121,7 +121,7 @@ FIELD_RULES: dict[str, tuple] = {
         "n_samples", "cpu_threads", "sc_temperature", "sc_top_k")},
     **{name: POSITIVE_OR_ALL for name in (
         "max_steps", "max_train_posts", "max_posts", "max_pairs", "n_val", "n_human_eval", "n_rm_eval", "n",
-        "rollout_batch_size", "value_lr")},
+        "rollout_batch_size", "value_lr", "samples_per_query")},
     "min_lr_ratio": between(0, 1), "gamma": between(0, 1), "lam": between(0, 1), "val_frac": between(0, 0.99),
     "test_frac": between(0, 0.99), "gpu_memory_utilization": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "min_confidence": between(0, 9), "tie_eps": (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
@@ -131,7 +131,8 @@ FIELD_RULES: dict[str, tuple] = {
     "labels": one_of("soft", "hard"),
     "orders": one_of("both", "ab", "random"), "lc_feature": one_of("log_ratio", "ratio"),
     "preamble": one_of("base", "detailed"), "labeler": one_of("rule", "hf", "vllm", "openai"),
-    "judge": one_of("rule", "hf", "vllm", "openai"),
+    "judge": one_of("rule", "hf", "vllm", "openai"), "algo": one_of("ppo", "reinforce", "rloo", "grpo"),
+    "reward": one_of("rm", "direct"),
 }
 
 
@@ -250,6 +251,18 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
     return perm[k * batch_size: (k + 1) * batch_size].tolist()
+
+
+def linear_lr(step: int, total: int, lr: float, warmup_steps: int = 0, min_lr_ratio: float = 0.0) -> float:
+    """The learning rate of every trainer at optimizer step `step` (0-based) of `total`: linear warmup from 0 over
+    `warmup_steps` steps, then linear decay from `lr` to `lr * min_lr_ratio` at the last step's end.
+
+    A pure function of the step, so a resumed run needs no scheduler state to continue on the same schedule.
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    frac = (step - warmup_steps) / max(1, total - warmup_steps)
+    return lr * (1 - (1 - min_lr_ratio) * frac)
 
 
 def all_reduce_grads(model: torch.nn.Module, dist: Dist) -> None:

@@ -1,6 +1,8 @@
 """minirlaif/judges.py: exact prompts, probabilities read from a real forward pass, order un-flipping, the
 position-bias analysis, a position-biased rule labeler (the OpenAI-compatible client: tests/test_api_faults.py)."""
 
+import json
+import math
 import random
 
 import pytest
@@ -242,17 +244,129 @@ def test_chat_template_wraps_the_prompt_in_a_user_turn(tiny_lm):
         tok.chat_template = None
 
 
-def test_direct_scores_are_the_rescaled_expected_digit(tiny_lm):
-    model, tok = tiny_lm
-    labeler = judges.HFLabeler(model, tok)
-    text = judges.build_score_prompt(judges.judge_text(ITEM), ITEM["summary_a"])
-    assert text.endswith("Summary - My sister (24F) crashed my car. Should I forgive her?\nScore=")
-    with torch.no_grad():
-        p = torch.softmax(model(torch.tensor([tok(text)["input_ids"]])).logits[0, -1], -1)
-    raw = [sum(p[i].item() for i in judges.choice_token_ids(tok, d)) for d in judges.SCORE_CHOICES]
-    expected = sum((k + 1) * r for k, r in enumerate(raw)) / sum(raw)
-    (got,) = judges.direct_scores(labeler, [{**ITEM, "summary": ITEM["summary_a"]}])
-    assert got == pytest.approx((expected - 1) / 4 - 1, abs=1e-5) and -1 <= got <= 1
+# ----------------------------------------------------------------------------------------------------------------
+# d-RLAIF: ratings 1..10
+
+
+RATED = {**ITEM, "summary": ITEM["summary_a"]}
+
+
+def test_rating_prompt_is_the_papers():
+    text = judges.build_rating_prompt(judges.judge_text(ITEM), ITEM["summary_a"])
+    assert text == ("You are an expert summary rater. Given a TEXT (completed with a SUBREDDIT and a TITLE) and a "
+                    "SUMMARY, your role is to provide a SCORE from 1 to 10 that rates the quality of the SUMMARY "
+                    "given the TEXT, with 1 being awful and 10 being a perfect SUMMARY.\n\n"
+                    "TEXT: SUBREDDIT: r/relationships\nTITLE: My sister crashed my car\n"
+                    "POST: My sister (24F) crashed my car yesterday. Should I forgive her?\n\n"
+                    "SUMMARY: My sister (24F) crashed my car. Should I forgive her?\n\nSCORE:")
+
+
+class StubRater:
+    """An LM labeler that gives each prompt a fixed distribution over the ratings 1..10, and counts prompts."""
+
+    def __init__(self, probs, fail_on=()):
+        self.probs, self.fail_on, self.asked, self.usage = probs, fail_on, [], {}
+
+    def rating_probs(self, prompts):
+        self.asked += prompts
+        return [{"probs": None, "mass": None, "null_reason": "API error"} if any(f in p for f in self.fail_on)
+                else {"probs": self.probs, "mass": 1.0, "null_reason": None} for p in prompts]
+
+
+@pytest.mark.parametrize("probs,want", [
+    ([0] * 9 + [1], 1.0),  # certainly 10: the top of the scale
+    ([1] + [0] * 9, -1.0),  # certainly 1
+    ([0.1] * 10, 0.0),  # uniform: 5.5
+    ([0.5] + [0] * 8 + [0.5], 0.0),  # half 1, half 10: 5.5 (a "10" read as "1" would give -1)
+    ([0] * 6 + [0.25, 0, 0, 0.75], (0.25 * 7 + 0.75 * 10 - 5.5) / 4.5),  # 9.25 -> 0.8333...
+])
+def test_d_rlaif_reward_of_a_known_distribution_is_exact(probs, want):
+    assert judges.rating_reward(probs) == pytest.approx(want, abs=1e-12)
+    (got,) = judges.direct_scores(StubRater(probs), [RATED])
+    assert got == pytest.approx(want, abs=1e-12)
+
+
+def brute_rating_probs(model, tok, prompt_text):
+    """P(" r" as a whole number) for r = 1..10 from unpadded forward passes, one rating at a time."""
+    ids = tok(prompt_text)["input_ids"]
+    digit = torch.tensor([tok.decode([i])[:1].isdigit() for i in range(model.config.vocab_size)])
+    raw = []
+    for r in range(1, 11):
+        full = tok(f"{prompt_text} {r}")["input_ids"]
+        assert full[:len(ids)] == ids
+        with torch.no_grad():
+            p = torch.softmax(model(torch.tensor([full])).logits[0].double(), -1)
+        prob = 1.0
+        for pos in range(len(ids), len(full)):
+            prob *= p[pos - 1, full[pos]].item()
+        raw.append(prob * (1 - p[-1][digit].sum().item()))
+    return [x / sum(raw) for x in raw], raw
+
+
+@pytest.fixture(scope="module")
+def lm_with_a_ten_token():
+    """A tiny LM whose tokenizer has " 10" as one token (the tiny_lm's spells it " 1" + "0")."""
+    texts = [f"SCORE: {r}" for r in range(1, 11)] * 50 + [prompt("base")] * 5
+    tok = train_bpe_tokenizer(texts, vocab_size=300)
+    torch.manual_seed(1)
+    return GPT2LMHeadModel(tiny_gpt2_config(tok, n_layer=2, n_head=2, n_embd=32, n_positions=1024)).eval(), tok
+
+
+@pytest.mark.parametrize("lm", ["tiny_lm", "lm_with_a_ten_token"])
+def test_hf_ratings_read_10_as_a_whole_number(lm, request):
+    model, tok = request.getfixturevalue(lm)
+    ten = tok.encode(" 10", add_special_tokens=False)
+    assert len(ten) == (2 if lm == "tiny_lm" else 1)  # both spellings of "10" are covered
+    labeler = judges.HFLabeler(model, tok, batch_size=4)
+    items = [RATED, {**RATED, "id": "p2", "summary": ITEM["summary_b"]}]
+    prompts = [judges.build_rating_prompt(judges.judge_text(it), it["summary"]) for it in items]
+    rows = labeler.rating_probs(prompts)
+    for text, row in zip(prompts, rows):
+        want, raw = brute_rating_probs(model, tok, text)
+        assert row["probs"] == pytest.approx(want, rel=1e-4, abs=1e-9)
+        assert row["mass"] == pytest.approx(sum(raw), rel=1e-4)
+    got = judges.direct_scores(labeler, items)
+    want = [judges.rating_reward(brute_rating_probs(model, tok, p)[0]) for p in prompts]
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-7)
+    if lm == "tiny_lm":  # "1" is not its first token's probability: the mass going on to "10" is taken out
+        with torch.no_grad():
+            p = torch.softmax(model(torch.tensor([tok(prompts[0])["input_ids"]])).logits[0, -1].double(), -1)
+        first = [p[tok.encode(f" {r}", add_special_tokens=False)[0]].item() for r in range(1, 11)]
+        assert rows[0]["mass"] < sum(first[:9])  # P(" 1") counted "10" and "11".. as well
+
+
+def test_rule_ratings_follow_the_rule_score_with_seeded_noise():
+    FACTS = synthetic.make_example(random.Random(0), synthetic.TaskConfig())["facts"]
+    gold = synthetic.gold_summary(FACTS)
+    item = {"id": "q1", "facts": FACTS, "summary": gold}
+    (row,) = judges.RuleLabeler(noise=0.0).rating_probs([item])
+    w = [math.exp(-((i - 10.0) ** 2) / 2) for i in range(1, 11)]  # gold scores 1.0 -> mu = 10
+    assert row["probs"] == pytest.approx([x / sum(w) for x in w], abs=1e-12)
+    bad = {"id": "q1", "facts": FACTS, "summary": "nothing"}
+    s = synthetic.score({"facts": FACTS}, "nothing")
+    (row,) = judges.RuleLabeler(noise=0.0).rating_probs([bad])
+    w = [math.exp(-((i - (5.5 + 4.5 * s)) ** 2) / 2) for i in range(1, 11)]
+    assert row["probs"] == pytest.approx([x / sum(w) for x in w], abs=1e-12)
+    # noise: std temperature * noise in score units, seeded by (seed, id, summary), not by the batch
+    noisy = judges.RuleLabeler(temperature=0.1, noise=1.0, seed=3)
+    alone = judges.direct_scores(noisy, [bad])
+    assert judges.direct_scores(noisy, [item, bad])[1] == alone[0]
+    assert judges.direct_scores(judges.RuleLabeler(temperature=0.1, noise=1.0, seed=4), [bad]) != alone
+    eps = random.Random("3:q1:nothing").gauss(0.0, 1.0) * 0.1
+    w = [math.exp(-((i - (5.5 + 4.5 * (s + eps))) ** 2) / 2) for i in range(1, 11)]
+    assert alone[0] == pytest.approx(judges.rating_reward([x / sum(w) for x in w]), abs=1e-12)
+
+
+def test_direct_rewards_never_ask_twice_and_never_make_up_a_reward():
+    stub = StubRater([0] * 9 + [1], fail_on=("broken",))
+    rewards = judges.DirectRewards(stub)
+    items = [RATED, RATED, {**RATED, "summary": "broken"}, {**RATED, "id": "p2"}]
+    assert rewards(items) == [1.0, 1.0, None, 1.0]
+    assert len(stub.asked) == 3 and rewards.calls == 3 and rewards.unrated == 1  # the duplicate asked once
+    assert rewards(items[::-1]) == [1.0, None, 1.0, 1.0] and len(stub.asked) == 3  # all cached
+    again = judges.DirectRewards(stub)
+    again.load_state_dict(json.loads(json.dumps(rewards.state_dict())))  # as through a checkpoint
+    assert again(items) == [1.0, 1.0, None, 1.0] and len(stub.asked) == 3 and again.calls == 3
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from minirlaif import losses
 from minirlaif.losses import (AdaptiveKLController, FixedKLController, bradley_terry_loss, entropy_from_logits,
-                              explained_variance, gae, kl_penalty, logprobs_from_logits, masked_mean, masked_var,
-                              masked_whiten, ppo_policy_loss, ppo_value_loss, truncate_after_eos)
+                              explained_variance, gae, grpo_advantages, kl_penalty, logprobs_from_logits, masked_mean,
+                              masked_var, masked_whiten, ppo_policy_loss, ppo_value_loss, reinforce_advantages,
+                              rloo_advantages, truncate_after_eos)
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
@@ -93,6 +94,100 @@ def test_gae_matches_per_sequence_loop(gamma, lam):
                 assert returns[b, t].item() == pytest.approx(expected_adv[t] + v[t], abs=1e-12)
             else:
                 assert advantages[b, t].item() == 0.0 and returns[b, t].item() == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sequence-level estimators: REINFORCE with a baseline, RLOO, GRPO (per-sequence loops as the reference)
+
+
+def assert_on_valid_tokens(advantages, mask, lengths, per_sequence):
+    """advantages holds per_sequence[b] on each of row b's valid tokens and exactly 0 on its padding."""
+    for b, n in enumerate(lengths):
+        for t in range(mask.shape[1]):
+            want = per_sequence[b] if t < n else 0.0
+            assert advantages[b, t].item() == pytest.approx(want, abs=1e-12), (b, t)
+
+
+def test_reinforce_baseline_matches_per_sequence_loop():
+    rewards, mask, lengths, g = ragged_batch(B=6, T=8, seed=4)
+    values = torch.randn(rewards.shape, generator=g, dtype=torch.float64)
+    advantages, returns = reinforce_advantages(with_garbage(rewards, mask), values, mask)
+    R = [sum(rewards[b, :n].tolist()) for b, n in enumerate(lengths)]  # the sequence's return
+    assert_on_valid_tokens(advantages, mask, lengths, [R[b] - values[b, 0].item() for b in range(6)])
+    assert_on_valid_tokens(returns, mask, lengths, R)
+    # hand-checked row: rewards (-0.1, -0.2, 1.5), V(x) = 0.4 -> R = 1.2, A = 0.8 on every token
+    a, r = reinforce_advantages(torch.tensor([[-0.1, -0.2, 1.5, 9.0]]), torch.tensor([[0.4, 7.0, 7.0, 7.0]]),
+                                torch.tensor([[1, 1, 1, 0]]))
+    torch.testing.assert_close(a, torch.tensor([[0.8, 0.8, 0.8, 0.0]]))
+    torch.testing.assert_close(r, torch.tensor([[1.2, 1.2, 1.2, 0.0]]))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_rloo_matches_per_sequence_loop(k):
+    rewards, mask, lengths, _ = ragged_batch(B=4 * k, T=7, seed=5)
+    advantages = rloo_advantages(with_garbage(rewards, mask), mask, k)
+    R = [sum(rewards[b, :n].tolist()) for b, n in enumerate(lengths)]
+    expected = []
+    for i in range(len(R)):
+        group = range(i // k * k, i // k * k + k)
+        others = [R[j] for j in group if j != i]
+        expected.append(R[i] - sum(others) / len(others))
+    assert_on_valid_tokens(advantages, mask, lengths, expected)
+
+
+def test_rloo_baseline_excludes_the_sample_itself():
+    """Changing sample i's own return moves A_i one for one (its baseline does not see it), and moves every other
+    sample of its group by -1/(k-1) (their baselines do); other groups do not move at all."""
+    k, T = 4, 5
+    rewards, mask, lengths, _ = ragged_batch(B=2 * k, T=T, seed=6)
+    before = rloo_advantages(rewards, mask, k)
+    bumped = rewards.clone()
+    bumped[1, 0] += 3.0  # sample 1 of group 0 gets +3 return
+    after = rloo_advantages(bumped, mask, k)
+    delta = (after - before)[:, 0]  # every row has its first token valid
+    torch.testing.assert_close(delta, torch.tensor([-1.0, 3.0, -1.0, -1.0, 0, 0, 0, 0], dtype=torch.float64))
+    # hand-checked: returns (1, 2, 3, 6) -> baselines (11/3, 10/3, 3, 2)
+    r = torch.tensor([[1.0], [2.0], [3.0], [6.0]], dtype=torch.float64)
+    torch.testing.assert_close(rloo_advantages(r, torch.ones(4, 1), 4)[:, 0],
+                               torch.tensor([1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_grpo_matches_per_sequence_loop(k):
+    rewards, mask, lengths, _ = ragged_batch(B=3 * k, T=6, seed=7)
+    advantages = grpo_advantages(with_garbage(rewards, mask), mask, k, eps=1e-4)
+    R = [sum(rewards[b, :n].tolist()) for b, n in enumerate(lengths)]
+    expected = []
+    for i in range(len(R)):
+        group = [R[j] for j in range(i // k * k, i // k * k + k)]
+        mean = sum(group) / k
+        std = math.sqrt(sum((x - mean) ** 2 for x in group) / (k - 1))  # unbiased, like TRL
+        expected.append((R[i] - mean) / (std + 1e-4))
+    assert_on_valid_tokens(advantages, mask, lengths, expected)
+
+
+def test_grpo_normalises_within_the_group_only():
+    """Shifting or scaling one group's returns leaves every group's advantages as they were; a group whose
+    samples score alike gets 0 (not NaN)."""
+    k = 3
+    r = torch.tensor([[1.0], [2.0], [4.0], [10.0], [10.0], [10.0], [-5.0], [0.0], [5.0]], dtype=torch.float64)
+    m = torch.ones(9, 1)
+    base = grpo_advantages(r, m, k)
+    moved = r.clone()
+    moved[6:] = moved[6:] * 100 + 7  # the third group only
+    torch.testing.assert_close(grpo_advantages(moved, m, k), base, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(base[3:6], torch.zeros(3, 1, dtype=torch.float64))
+    # group 1: mean 7/3, unbiased std sqrt(7/3)
+    std = math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
+    torch.testing.assert_close(base[:3, 0], (r[:3, 0] - 7 / 3) / (std + 1e-4))
+
+
+def test_group_estimators_reject_partial_groups():
+    r, m = torch.zeros(6, 2), torch.ones(6, 2)
+    with pytest.raises(ValueError, match="k >= 2"):
+        rloo_advantages(r, m, 4)
+    with pytest.raises(ValueError, match="k >= 2"):
+        grpo_advantages(r, m, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,12 +13,12 @@ import torch
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
 import train_ppo
-from minirlaif import losses, synthetic
+from minirlaif import judges, losses, synthetic
 from minirlaif.data import build_query, load_posts
 from minirlaif.generation import row_seeds
 from minirlaif.models import (pad_batch, response_logits, sequence_rewards, set_attention, tiny_gpt2_config,
                               train_bpe_tokenizer)
-from minirlaif.utils import Dist, parse_config
+from minirlaif.utils import Dist, batch_indices, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -118,7 +118,7 @@ def test_score_lands_on_the_last_valid_token():
     ref = torch.tensor([[-1.5, -1.0, -0.5, 9.0], [-1.0, -2.0, -1.0, -1.0], [-2.0, 9.0, 9.0, 9.0]])
     batch = {"response_mask": mask, "logprobs": logprobs, "ref_logprobs": ref, "scores": torch.tensor([1.0, 2.0, 3.0]),
              "values": torch.zeros(3, 4)}
-    out = train_ppo.kl_rewards_and_advantages(batch, 0.1, cfg, Dist())
+    out = train_ppo.kl_rewards_and_advantages(batch, 0.1, 1, cfg, Dist())
     kl = (logprobs - ref) * mask
     expected = -0.1 * kl
     expected[0, 2] += 1.0  # EOS at index 2
@@ -132,8 +132,8 @@ def test_score_lands_on_the_last_valid_token():
 
 
 def micro_batch(batch):
-    b = train_ppo.kl_rewards_and_advantages(batch["batch"], 0.05, batch["cfg"], Dist())
-    return {k: b[k][:6].clone() for k in train_ppo.UPDATE_KEYS}
+    b = train_ppo.kl_rewards_and_advantages(batch["batch"], 0.05, 1, batch["cfg"], Dist())
+    return train_ppo.trim({k: b[k][:6].clone() for k in train_ppo.UPDATE_KEYS})
 
 
 def test_update_at_ratio_one_reproduces_the_math_core(batch):
@@ -142,10 +142,9 @@ def test_update_at_ratio_one_reproduces_the_math_core(batch):
     policy, _, value, _ = batch["models"]
     mb = micro_batch(batch)
     m = mb["response_mask"]
-    stats = {}
-    (_, pg_part), (_, vf_part) = train_ppo.ppo_losses(policy, value, mb, m.sum().float(), cfg, torch.device("cpu"),
-                                                      stats)
-    loss = pg_part + vf_part
+    stats, cpu = {}, torch.device("cpu")
+    loss = (train_ppo.policy_loss(policy, mb, m.sum().float(), cfg, cpu, stats)
+            + cfg.vf_coef * train_ppo.value_loss(value, mb, m.sum().float(), cfg, cpu, stats))
     A, V, R = mb["advantages"], mb["values"], mb["returns"]
     pg = -(A * m).sum() / m.sum()
     vf = 0.5 * (((V - R) ** 2) * m).sum() / m.sum()
@@ -175,9 +174,9 @@ def test_padding_tokens_get_no_gradient(batch):
     def grads(mb):
         policy.zero_grad()
         value.zero_grad()
-        for _, loss in train_ppo.ppo_losses(policy, value, mb, mb["response_mask"].sum().float(), cfg,
-                                            torch.device("cpu"), {}):
-            loss.backward()
+        n, cpu = mb["response_mask"].sum().float(), torch.device("cpu")
+        train_ppo.policy_loss(policy, mb, n, cfg, cpu, {}).backward()
+        train_ppo.value_loss(value, mb, n, cfg, cpu, {}).backward()
         return [p.grad.clone() for p in [*policy.parameters(), *value.parameters()] if p.grad is not None]
 
     mb = micro_batch(batch)
@@ -203,11 +202,11 @@ def metric_rows(d):
     return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_metrics(rows_a, rows_b, rel=1e-4):
+def assert_same_metrics(rows_a, rows_b, rel=1e-4, skip=()):
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
     for ra, rb in zip(rows_a, rows_b):
         for k in ra:
-            if not k.startswith(("time/", "eps")):
+            if not k.startswith(("time/", "eps", *skip)):
                 assert ra[k] == pytest.approx(rb[k], rel=rel, abs=1e-6), (ra["step"], k)
 
 
@@ -261,8 +260,14 @@ def test_bf16_on_cpu_runs_and_stays_close_to_fp32(setup, tmp_path, monkeypatch):
     assert bf16["objective/kl"] == pytest.approx(0, abs=1e-3)
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_metrics(setup, tmp_path):
-    args = ["--total-episodes", "64"]
+ALGO_ARGS = {"ppo": [], "reinforce": ["--algo", "reinforce"], "rloo": ["--algo", "rloo"],
+             "grpo": ["--algo", "grpo", "--samples-per-query", "2"],
+             "d-rlaif": ["--reward", "direct", "--algo", "rloo"]}
+
+
+@pytest.mark.parametrize("algo", ALGO_ARGS)
+def test_kill_and_resume_reproduces_the_uninterrupted_metrics(setup, tmp_path, algo):
+    args = ["--total-episodes", "64", *ALGO_ARGS[algo]]
     ref = run(ppo_args(setup, tmp_path / "ref", *args))
     assert ref.returncode == 0, ref.stderr[-3000:]
     out = tmp_path / "killed"
@@ -291,17 +296,167 @@ def test_kill_and_resume_reproduces_the_uninterrupted_metrics(setup, tmp_path):
     assert final[out]["objective/kl_first"] == pytest.approx(0, abs=1e-5)  # update 1: sampled from the reference
 
 
-@pytest.mark.parametrize("value_from", ["rm", "sft"])
-def test_two_process_torchrun_update_matches_one_process(setup, tmp_path, value_from):
-    """With --value-path sft the value model gets a new head: every rank must draw the same one (seeded by --seed,
-    not by the rank's seed + rank), or the ranks would train different value models."""
+@pytest.mark.parametrize("algo", [*ALGO_ARGS, "ppo-value-from-sft"])
+def test_two_process_torchrun_update_matches_one_process(setup, tmp_path, algo):
+    """Every estimator. With --value-path sft the value model gets a new head: every rank must draw the same one
+    (seeded by --seed, not by the rank's seed + rank), or the ranks would train different value models."""
     args = ["--total-episodes", "32", "--batch-size", "16", "--micro-batch-size", "4"]
-    if value_from == "sft":
+    if algo == "ppo-value-from-sft":
         args += ["--value-path", str(setup["root"] / "sft")]
+    else:
+        args += ALGO_ARGS[algo]
     one = run(ppo_args(setup, tmp_path / "one", *args))
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "train_ppo.py", *ppo_args(setup, tmp_path / "two", *args)], cwd=ROOT, env=ENV,
                          capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert_same_metrics(metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two"), rel=1e-3)
+    # each rank caches its own ratings, so the labeler's call count may differ (a response rated on both ranks)
+    assert_same_metrics(metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two"), rel=1e-3, skip=("labeler/",))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the estimator switch (--algo) and the optional value model
+
+
+@pytest.mark.parametrize("k,world", [(1, 1), (1, 2), (4, 1), (4, 2), (2, 4)])
+def test_episode_layout_keeps_groups_on_one_rank_and_seeds_per_row(k, world):
+    """Each query's k samples are consecutive rows of one rank; over the ranks, the rows (query, seed) are the
+    one-process batch's; k = 1 is the strided split of the batch that the seeds and data order always had."""
+    cfg = train_ppo.Config(batch_size=16, seed=3)
+    one_q, one_s = train_ppo.episode_layout(5, 100, k, cfg, Dist())
+    assert one_s == row_seeds(3, 5, n=16) and len(one_q) == 16
+    assert one_q == [q for q in batch_indices(5, 100, 16 // k, 3) for _ in range(k)]
+    rows = []
+    for rank in range(world):
+        q, sd = train_ppo.episode_layout(5, 100, k, cfg, Dist(rank=rank, world_size=world))
+        assert len(q) == 16 // world
+        for start in range(0, len(q), k):  # whole groups: one query, k different seeds
+            assert len(set(q[start: start + k])) == 1 and len(set(sd[start: start + k])) == k
+        rows += list(zip(q, sd))
+    assert sorted(rows) == sorted(zip(one_q, one_s))
+    if k == 1 and world == 2:
+        q, sd = train_ppo.episode_layout(5, 100, 1, cfg, Dist(rank=1, world_size=2))
+        assert q == batch_indices(5, 100, 16, 3)[1::2] and sd == row_seeds(3, 5, n=16)[1::2]
+
+
+@pytest.mark.parametrize("algo", train_ppo.ALGOS)
+def test_the_estimator_is_the_math_cores(algo):
+    """kl_rewards_and_advantages hands the KL-shaped rewards to exactly the --algo estimator, then whitens."""
+    cfg = train_ppo.Config(algo=algo, kl_coef=0.1)
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.arange(5)[None] < torch.tensor([5, 3, 1, 4])[:, None]).long()
+    batch = {"response_mask": mask, "logprobs": torch.randn(4, 5, generator=g) * mask,
+             "ref_logprobs": torch.randn(4, 5, generator=g) * mask, "scores": torch.tensor([1.0, -2.0, 0.5, 3.0])}
+    if algo not in train_ppo.VALUE_FREE:
+        batch["values"] = torch.randn(4, 5, generator=g) * mask
+    out = train_ppo.kl_rewards_and_advantages(batch, 0.1, 2, cfg, Dist())
+    r = out["rewards"]
+    ref = {"ppo": lambda: losses.gae(r, batch["values"], mask, cfg.gamma, cfg.lam),
+           "reinforce": lambda: losses.reinforce_advantages(r, batch["values"], mask),
+           "rloo": lambda: (losses.rloo_advantages(r, mask, 2), None),
+           "grpo": lambda: (losses.grpo_advantages(r, mask, 2), None)}[algo]
+    adv, ret = ref()
+    torch.testing.assert_close(out["advantages"], losses.masked_whiten(adv, mask))
+    assert ("returns" in out) == (ret is not None)
+    if ret is not None:
+        torch.testing.assert_close(out["returns"], ret)
+
+
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_value_free_run_loads_trains_and_saves_no_value_model(setup, tmp_path, monkeypatch, algo):
+    """Checked, not assumed: the scalar-model loader is called for the RM only, only the policy gets an
+    optimizer, and every checkpoint holds the policy and its optimizer only."""
+    loaded, checkpoints, optimized = [], [], []
+    real_load, real_save, real_adamw = train_ppo.load_scalar_model, train_ppo.save_checkpoint, torch.optim.AdamW
+    monkeypatch.setattr(train_ppo, "load_scalar_model", lambda path, **kw: loaded.append(path) or real_load(path, **kw))
+    monkeypatch.setattr(train_ppo, "save_checkpoint", lambda d, step, state, dist: checkpoints.append(state) or
+                        real_save(d, step, state, dist))
+
+    def adamw(params, **kw):
+        params = list(params)
+        optimized.append(sum(p.numel() for p in params))
+        return real_adamw(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+    cfg = parse_config(train_ppo.Config, train_ppo.PRESETS, ppo_args(setup, tmp_path / algo, "--algo", algo))
+    metrics = train_ppo.main(cfg)
+    assert metrics["updates"] == 3 and metrics["algo"] == algo
+    assert loaded == [cfg.rm_path]  # the reward model, nothing else
+    policy_params = sum(p.numel() for p in train_ppo.load_causal_lm(cfg.sft_path).parameters())
+    assert optimized == [policy_params]
+    assert len(checkpoints) == 2 and all(set(c) == {"policy", "optimizers", "kl_ctl", "left_out", "config"}
+                                      for c in checkpoints)
+    assert all(set(c["optimizers"]) == {"policy"} for c in checkpoints)
+    rows = metric_rows(tmp_path / algo)
+    assert all("ppo/value_loss" not in r and "val/explained_variance" not in r for r in rows)
+    assert rows[0]["objective/kl"] == pytest.approx(0, abs=1e-5) and "value" not in json.loads(
+        (tmp_path / algo / "manifest.json").read_text())["inputs"]
+
+
+def test_reinforce_trains_a_value_model(setup, tmp_path):
+    train_ppo.main(parse_config(train_ppo.Config, train_ppo.PRESETS,
+                                ppo_args(setup, tmp_path / "r", "--algo", "reinforce")))
+    rows = metric_rows(tmp_path / "r")
+    assert all(r["ppo/value_loss"] > 0 and "val/explained_variance" in r for r in rows)
+
+
+def test_bad_algo_settings_are_refused(setup, tmp_path):
+    for extra, msg in ((["--algo", "dpo"], "--algo must be one of"), (["--reward", "x"], "--reward must be one of"),
+                       (["--reward", "direct", "--labeler", "openai"], "--labeler must be one of rule, hf")):
+        with pytest.raises(SystemExit, match=msg):
+            parse_config(train_ppo.Config, train_ppo.PRESETS, ppo_args(setup, tmp_path / "x", *extra))
+    for extra, msg in ((["--algo", "rloo", "--samples-per-query", "1"], "must be >= 2"),
+                       (["--algo", "rloo", "--samples-per-query", "3"], "whole groups")):
+        with pytest.raises(AssertionError, match=msg):
+            train_ppo.main(parse_config(train_ppo.Config, train_ppo.PRESETS, ppo_args(setup, tmp_path / "x", *extra)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# d-RLAIF: the labeler's rating is the reward
+
+
+def test_d_rlaif_scores_are_the_labelers_ratings_and_no_rm_is_loaded(setup, tmp_path, monkeypatch):
+    loaded = []
+    real_load = train_ppo.load_scalar_model
+    monkeypatch.setattr(train_ppo, "load_scalar_model", lambda path, **kw: loaded.append(path) or real_load(path, **kw))
+    asked = []
+    real_call = judges.DirectRewards.__call__
+    monkeypatch.setattr(judges.DirectRewards, "__call__", lambda self, items: asked.append(items) or
+                        real_call(self, items))
+    out = tmp_path / "direct"
+    cfg = parse_config(train_ppo.Config, train_ppo.PRESETS,
+                       ppo_args(setup, out, "--reward", "direct", "--algo", "rloo", "--rm-path", "/nonexistent"))
+    metrics = train_ppo.main(cfg)
+    assert loaded == []  # no reward model, no value model
+    rows = metric_rows(out)
+    # the scores of every update are the rule labeler's d-RLAIF rewards of its (post, response) pairs
+    labeler = judges.RuleLabeler(cfg.rule_temperature, 0.0, cfg.rule_noise, seed=cfg.seed)
+    distinct = set()
+    for items, row in zip(asked, rows):
+        want = judges.direct_scores(labeler, items)
+        assert all(-1 <= w <= 1 for w in want)
+        assert row["objective/rm_score"] == pytest.approx(sum(want) / len(want), abs=1e-5)
+        distinct |= {(it["id"], it["summary"]) for it in items}
+        assert row["labeler/calls"] == len(distinct)  # each distinct (post, response) asked once
+        assert row["rollout/left_out"] == 0
+    assert metrics["labeler_calls"] == len(distinct) < metrics["episodes"]  # repeats were not asked again
+    assert "rm" not in json.loads((out / "manifest.json").read_text())["inputs"]
+
+
+def test_unrated_episodes_leave_the_update_with_their_group():
+    batch = {"scores": torch.tensor([1.0, float("nan"), 0.5, 0.2, 0.3, 0.4]),
+             "raw_scores": torch.tensor([1.0, float("nan"), 0.5, 0.2, 0.3, 0.4]),
+             "response_mask": torch.ones(6, 3, dtype=torch.long)}
+    assert train_ppo.leave_out_unscored(batch, 2) == 2  # the group of the unrated row, rows 0-1
+    assert batch["response_mask"].sum(1).tolist() == [0, 0, 3, 3, 3, 3]
+    assert batch["scores"].tolist() == pytest.approx([0, 0, 0.5, 0.2, 0.3, 0.4])
+    assert train_ppo.leave_out_unscored(batch, 1) == 0
+    # and an unrated row's tokens change nothing downstream: its advantages are 0, the others' as without it
+    cfg = train_ppo.Config(algo="rloo")
+    batch["logprobs"] = batch["ref_logprobs"] = torch.zeros(6, 3)
+    out = train_ppo.kl_rewards_and_advantages(batch, 0.1, 2, cfg, Dist())
+    assert (out["advantages"][:2] == 0).all()
+    kept = {key: v[2:] for key, v in batch.items()}
+    torch.testing.assert_close(out["advantages"][2:], train_ppo.kl_rewards_and_advantages(kept, 0.1, 2, cfg,
+                                                                                         Dist())["advantages"])

@@ -216,3 +216,12 @@ def test_every_bad_field_gets_its_own_line():
     import label
 
     assert parse_config(label.Config, label.PRESETS, ["--temperature", "0"]).temperature == 0
+
+
+def test_linear_lr_hand_checked():
+    """Warmup 2 steps then linear decay to 10% over the remaining 8: the values by hand."""
+    got = [utils.linear_lr(s, 10, 1.0, warmup_steps=2, min_lr_ratio=0.1) for s in range(10)]
+    want = [0.5, 1.0] + [1 - 0.9 * k / 8 for k in range(8)]
+    assert got == pytest.approx(want, abs=1e-12)
+    # no warmup, decay to 0: the schedule train_ppo uses (lr * (1 - update / updates))
+    assert [utils.linear_lr(s, 4, 2.0) for s in range(4)] == pytest.approx([2.0, 1.5, 1.0, 0.5])
