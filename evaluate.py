@@ -82,7 +82,8 @@ class Config:
     runs_dir: str = "runs/{preset}"
     """where the default stage dirs are looked up: sft, ppo, ppo_rlhf, rm, rm_human, labels"""
     policy: list[str] = field(default_factory=list)
-    """NAME=PATH of a policy to evaluate, repeatable; none given: sft, ppo (RLAIF) and ppo_rlhf (RLHF) in runs_dir"""
+    """NAME=PATH of a policy to evaluate, repeatable; none given: sft, ppo (RLAIF), ppo_rlhf (RLHF) and the RL
+    variants reinforce, rloo, grpo, direct (d-RLAIF) found in runs_dir"""
     rm: list[str] = field(default_factory=list)
     """NAME=PATH of a reward model to score, repeatable; none given: rm (AI feedback) and rm_human in runs_dir"""
     dataset: str = "runs/{preset}/data/sft"
@@ -182,6 +183,9 @@ REFERENCE_RM_ACC = {  # the seed's RM accuracies in %, by RM and test set
     "rm_human": {"human_conf8": 69.3},
 }
 DISPLAY = {"sft": "SFT", "ppo": "RLAIF", "ppo_rlhf": "RLHF", "reference": "reference"}
+# train_ppo.py runs with other estimators or the d-RLAIF reward (run_pipeline.sh ALGOS=...): each is compared with
+# SFT and with PPO-RLAIF (`ppo`)
+VARIANTS = ("reinforce", "rloo", "grpo", "direct")
 REFERENCE = "reference"  # the baseline name of the dataset's human-written summaries
 JUDGES = ("rule", "hf", "vllm", "openai")
 
@@ -221,12 +225,38 @@ def find_models(specs: list[str], defaults: dict[str, Path], flag: str) -> dict[
 
 
 def comparison_pairs(names: list[str], has_reference: bool) -> list[tuple[str, str]]:
-    """(policy, baseline) pairs: each policy vs SFT, each vs the reference summaries, RLAIF vs RLHF."""
+    """(policy, baseline) pairs: each policy vs SFT, each vs the reference summaries, RLAIF vs RLHF, and every
+    other RL policy (an estimator or reward variant) vs PPO-RLAIF."""
     pairs = [(n, "sft") for n in names if n != "sft"] if "sft" in names else []
     pairs += [(n, REFERENCE) for n in names] if has_reference else []
     if "ppo" in names and "ppo_rlhf" in names:
         pairs.append(("ppo", "ppo_rlhf"))
+    if "ppo" in names:
+        pairs += [(n, "ppo") for n in names if n not in ("sft", "ppo", "ppo_rlhf")]
     return pairs
+
+
+def algorithm_rows(policies: dict[str, str], comparisons: list[dict], runs: Path) -> dict[str, dict]:
+    """One row per RL policy (a dir with train_ppo.py's metrics.json): its estimator and reward, win rate and LC win
+    rate vs SFT, final KL (mean of the last 20% of updates), training wall time and labeler calls (d-RLAIF: the
+    ratings asked during RL; an RM-based run: the pairs label.py labeled for its RM, when found)."""
+    vs_sft = {c["policy"]: c for c in comparisons if c["baseline"] == "sft"}
+    labels = runs / "labels" / "metrics.json"
+    n_pairs = read_json(labels).get("n_pairs") if labels.is_file() else None
+    rows = {}
+    for name, path in policies.items():
+        m_path = Path(path) / "metrics.json"
+        m = read_json(m_path) if m_path.is_file() else {}
+        if "episodes" not in m or "objective/kl_last" not in m:
+            continue  # not a train_ppo.py run
+        c = vs_sft.get(name, {})
+        direct = m.get("reward") == "direct"
+        rows[name] = {"algo": m.get("algo", "ppo"), "reward": m.get("reward", "rm"), "episodes": m["episodes"],
+                      "win_rate": c.get("win_rate"), "ci95": c.get("ci95"), "lc_win_rate": c.get("lc_win_rate"),
+                      "final_kl": m["objective/kl_last"], "train_time_s": m.get("train_time_s"),
+                      "labeler_calls": m.get("labeler_calls") if direct else None,
+                      "label_pairs": None if direct or name == "ppo_rlhf" else n_pairs}
+    return rows
 
 
 def unique_by_id(posts):
@@ -579,6 +609,24 @@ def write_report(path: Path, result: dict, cfg: Config, plots: list[str]) -> Non
               "judge, task or model size compare in direction, not in value. LC is marked extrapolated when fewer than "
               "10% of the pairs have a length ratio within [0.8, 1.25].", ""]
 
+    if result.get("algorithms"):
+        lines += ["## Algorithms", "",
+                  "Each RL policy (train_ppo.py's `--algo` and `--reward`) against SFT under the judge above. Final "
+                  "KL: mean summed KL to SFT over the last 20% of updates. Wall time: train_ppo.py's training time "
+                  "(measured on whatever else the machine ran). Labeler calls: d-RLAIF's ratings during RL, or "
+                  "the pairs label.py labeled for an RM-based run's reward model.", "",
+                  "| policy | algorithm | reward | episodes | win rate vs SFT [95% CI] | length-controlled | final KL "
+                  "| wall time | labeler calls |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, a in result["algorithms"].items():
+            ci = f" [{_pct(a['ci95'][0])}, {_pct(a['ci95'][1])}]" if a["ci95"] else ""
+            calls = (str(a["labeler_calls"]) if a["labeler_calls"] is not None
+                     else f"{a['label_pairs']} pairs (label.py)" if a["label_pairs"] is not None else "-")
+            wall = f"{a['train_time_s']:.0f} s" if a["train_time_s"] is not None else "-"
+            lines.append(f"| {name} | {a['algo']} | {a['reward']} | {a['episodes']} | {_pct(a['win_rate'])}{ci} "
+                         f"| {_pct(a['lc_win_rate'])} | {_num(a['final_kl'], '.2f')} | {wall} | {calls} |")
+        lines.append("")
+
     lines += ["## Reward models", "",
               f"Accuracy on the held-out human comparisons with rater confidence >= {HUMAN_CONFIDENCE} and on the "
               "AI-labeled test split (argmax of the soft label; label ties excluded), with "
@@ -642,7 +690,7 @@ def main(cfg: Config) -> dict:
     runs = Path(cfg.runs_dir)
     if cfg.judge not in JUDGES:
         raise SystemExit(f"--judge must be one of {', '.join(JUDGES)}, got {cfg.judge!r}")
-    policies = find_models(cfg.policy, {n: runs / n for n in ("sft", "ppo", "ppo_rlhf")}, "policy")
+    policies = find_models(cfg.policy, {n: runs / n for n in ("sft", "ppo", "ppo_rlhf", *VARIANTS)}, "policy")
     rms = find_models(cfg.rm, {n: runs / n for n in ("rm", "rm_human")}, "rm")
     for name, path in rms.items():
         check_reward_model(path, f"--rm {name}=")
@@ -751,6 +799,7 @@ def main(cfg: Config) -> dict:
                   "position_bias": position_bias(judged_rows) if judged_rows else None},
         "comparisons": comparisons,
         "policies": policy_info,
+        "algorithms": algorithm_rows(policies, comparisons, runs),
         "reward_models": reward_models,
         "position_bias_labels": position_bias_labels,
         "ppo_curves": {name: read_ppo_curves(path) for name, path in policies.items()},

@@ -10,6 +10,13 @@
 # for gpt2-large on several GPUs, set LAUNCH="torchrun --nproc_per_node 4" for the training stages. PARALLEL=1|0
 # runs the RLAIF and RLHF branches side by side or one after the other (default: side by side on the CPU
 # presets tiny and micro, in a row for gpt2-large, whose stages each want every GPU).
+#
+# ALGOS="reinforce rloo grpo direct" (any subset, default none) also trains those RL variants on the same SFT
+# model and episode budget after the RLAIF and RLHF branches, each into runs/<preset>/<variant>, and evaluate.py
+# compares each with SFT and with PPO-RLAIF (report.md's "Algorithms" table):
+#   reinforce  --algo reinforce (the paper's REINFORCE with a value baseline, on the AI RM)
+#   rloo, grpo --algo rloo / grpo (no value model, k = 4 samples per query, on the AI RM)
+#   direct     --reward direct --algo rloo (d-RLAIF: the labeler's 1-10 ratings are the reward; no RM)
 set -euo pipefail
 
 preset="${1:-tiny}"
@@ -62,6 +69,20 @@ else
     rlaif "$@"
     rlhf "$@"
 fi
+
+variant_flags() {  # the train_ppo.py flags of one ALGOS entry
+    case "$1" in
+        reinforce|rloo|grpo) echo "--algo $1" ;;
+        direct) echo "--reward direct --algo rloo" ;;
+        *) echo "ALGOS: unknown variant '$1' (reinforce, rloo, grpo or direct)" >&2; return 1 ;;
+    esac
+}
+for variant in ${ALGOS:-}; do
+    flags="$(variant_flags "$variant")"
+    # shellcheck disable=SC2086  # the flags are words
+    OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" stage "variant/$variant" "$launch" train_ppo.py $flags \
+        --out-dir "$runs/$variant" "$@"
+done
 
 stage "7/7 evaluation" "$python" evaluate.py "$@"
 echo "=== pipeline finished in $((SECONDS - start)) s; report: $runs/eval/report.md"

@@ -230,6 +230,9 @@ def test_comparisons_and_names():
         ("ppo", "sft"), ("ppo_rlhf", "sft"), ("sft", "reference"), ("ppo", "reference"), ("ppo_rlhf", "reference"),
         ("ppo", "ppo_rlhf")]
     assert evaluate.comparison_pairs(["ppo"], False) == []
+    # RL variants: each vs SFT, the reference and PPO-RLAIF
+    assert evaluate.comparison_pairs(["sft", "ppo", "rloo"], False) == [("ppo", "sft"), ("rloo", "sft"),
+                                                                       ("rloo", "ppo")]
     assert evaluate.parse_named(["a=x", "b=y/z"], "policy") == {"a": "x", "b": "y/z"}
     for bad in (["a"], ["=x"], ["a=x", "a=y"], ["reference=x"]):
         with pytest.raises(SystemExit):
@@ -438,3 +441,26 @@ def test_a_causal_lm_given_as_a_reward_model_is_refused(env, tmp_path):
     with pytest.raises(SystemExit, match="not a reward model"):
         run_eval(env, tmp_path / "a", "--rm", f"rm={env['runs'] / 'sft'}")
     assert not (tmp_path / "a" / "generations").exists()
+
+
+def test_the_algorithms_table_reads_each_rl_runs_metrics(tmp_path):
+    """algorithm | win rate vs SFT [CI] | LC | final KL | wall time | labeler calls, from each policy dir's
+    train_ppo.py metrics.json and the comparisons; SFT (no RL metrics) gets no row."""
+    runs = tmp_path / "runs"
+    for name, m in {"sft": {"steps": 5}, "ppo": {"algo": "ppo", "reward": "rm", "labeler_calls": 0},
+                    "direct": {"algo": "rloo", "reward": "direct", "labeler_calls": 777}}.items():
+        (runs / name).mkdir(parents=True)
+        if name != "sft":
+            m.update({"episodes": 1024, "objective/kl_last": 4.5, "train_time_s": 321.0})
+        (runs / name / "metrics.json").write_text(json.dumps(m))
+    (runs / "labels").mkdir()
+    (runs / "labels" / "metrics.json").write_text(json.dumps({"n_pairs": 2000}))
+    comps = [{"policy": "ppo", "baseline": "sft", "win_rate": 0.8, "ci95": [0.75, 0.85], "lc_win_rate": 0.6},
+             {"policy": "direct", "baseline": "sft", "win_rate": 0.7, "ci95": [0.65, 0.75], "lc_win_rate": 0.55},
+             {"policy": "direct", "baseline": "ppo", "win_rate": 0.4, "ci95": [0.35, 0.45], "lc_win_rate": 0.5}]
+    rows = evaluate.algorithm_rows({n: str(runs / n) for n in ("sft", "ppo", "direct")}, comps, runs)
+    assert set(rows) == {"ppo", "direct"}
+    assert rows["direct"] == {"algo": "rloo", "reward": "direct", "episodes": 1024, "win_rate": 0.7,
+                              "ci95": [0.65, 0.75], "lc_win_rate": 0.55, "final_kl": 4.5, "train_time_s": 321.0,
+                              "labeler_calls": 777, "label_pairs": None}
+    assert rows["ppo"]["labeler_calls"] is None and rows["ppo"]["label_pairs"] == 2000

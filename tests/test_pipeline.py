@@ -1,4 +1,5 @@
-"""End to end: `bash run_pipeline.sh micro` runs all seven stages in a fresh directory, and a rerun skips them all."""
+"""End to end: `ALGOS=direct bash run_pipeline.sh micro` runs all seven stages and the d-RLAIF variant in a fresh
+directory, and a rerun skips them all."""
 
 import json
 import os
@@ -11,7 +12,7 @@ STAGES = ["sft", "labels", "rm", "ppo", "rm_human", "ppo_rlhf", "eval"]
 
 
 def run_pipeline(cwd: Path) -> str:
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "ALGOS": "direct"}
     out = subprocess.run(["bash", str(ROOT / "run_pipeline.sh"), "micro"], cwd=cwd, env=env, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:]
@@ -42,7 +43,14 @@ def test_micro_pipeline_runs_every_stage_then_skips_them(tmp_path):
         assert 0.0 <= c["ci95"][0] <= c["win_rate"] <= c["ci95"][1] <= 1.0 and c["n"] > 0
     assert (runs / "eval" / "report.md").is_file()
     done = sorted(line.split()[1] for line in log.splitlines() if " done in " in line)
-    assert done == [f"{i}/7" for i in range(1, 8)]  # each stage ran once
+    assert done == [f"{i}/7" for i in range(1, 8)] + ["variant/direct"]  # each stage ran once
+    # the d-RLAIF variant: rated by the labeler (no RM), compared with SFT and PPO-RLAIF, in the algorithms table
+    direct = json.loads((runs / "direct" / "metrics.json").read_text())
+    assert direct["reward"] == "direct" and direct["algo"] == "rloo" and direct["labeler_calls"] > 0
+    assert {("direct", "sft"), ("direct", "ppo")} <= pairs
+    assert set(report["algorithms"]) == {"ppo", "ppo_rlhf", "direct"}
+    assert report["algorithms"]["direct"]["labeler_calls"] == direct["labeler_calls"]
+    assert "| direct | rloo | direct |" in (runs / "eval" / "report.md").read_text()
 
     # a rerun finds every stage finished with the same config and redoes no work
     before = {p: p.stat().st_mtime_ns for p in runs.rglob("metrics.json")}
