@@ -86,6 +86,9 @@ class Config:
     variants reinforce, rloo, grpo, direct (d-RLAIF) found in runs_dir"""
     rm: list[str] = field(default_factory=list)
     """NAME=PATH of a reward model to score, repeatable; none given: rm (AI feedback) and rm_human in runs_dir"""
+    aggregate: list[str] = field(default_factory=list)
+    """eval dirs of several seeds' runs, repeatable: only aggregate their eval.json into out_dir (per-seed win
+    rates, mean, t-interval over seeds); run_pipeline.sh SEEDS="1 2 3" does this"""
     dataset: str = "runs/{preset}/data/sft"
     """evaluation posts with their reference summaries: hub id or local file/dir (tldr or prompt/completion schema)"""
     split: str = "validation"
@@ -685,8 +688,60 @@ def write_report(path: Path, result: dict, cfg: Config, plots: list[str]) -> Non
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def aggregate_seeds(eval_dirs: list[str], out_dir: Path) -> dict:
+    """Several seeds' evaluations -> per comparison: each seed's win rate, the mean and a 95% t-interval over
+    seeds (`stats.seed_summary`: the run-to-run spread, which one run's bootstrap over posts does not see), the
+    same for the LC win rate and, per RL policy, the final KL. Writes seeds.json, report.md and metrics.json."""
+    results = []
+    for d in eval_dirs:
+        path = Path(d) / "eval.json"
+        if not path.is_file():
+            raise SystemExit(f"--aggregate {d}: no eval.json there (run evaluate.py for that seed first)")
+        results.append(read_json(path))
+    keys = list(dict.fromkeys((c["policy"], c["baseline"]) for r in results for c in r["comparisons"]))
+    table = {}
+    for policy, baseline in keys:
+        found = [next((c for c in r["comparisons"] if (c["policy"], c["baseline"]) == (policy, baseline)), None)
+                 for r in results]
+        rows = [c for c in found if c is not None]
+        table[f"{policy}_vs_{baseline}"] = {
+            "policy": policy, "baseline": baseline, "seeds": [d for d, c in zip(eval_dirs, found) if c is not None],
+            "win_rate": stats.seed_summary([c["win_rate"] for c in rows]),
+            "lc_win_rate": stats.seed_summary([c["lc_win_rate"] for c in rows if c["lc_win_rate"] is not None])}
+    kl = {}
+    for r in results:
+        for name, a in (r.get("algorithms") or {}).items():
+            kl.setdefault(name, []).append(a["final_kl"])
+    out = {"eval_dirs": eval_dirs, "comparisons": table, "final_kl": {n: stats.seed_summary(v) for n, v in kl.items()}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "seeds.json", out)
+
+    def interval(s):
+        return f"{_pct(s['mean'])} [{_pct(s['ci95'][0])}, {_pct(s['ci95'][1])}]" if s["ci95"] else _pct(s["mean"])
+
+    lines = [f"# Evaluation over {len(eval_dirs)} seeds", "", "Per comparison: each seed's win rate, their mean and "
+             "a 95% t-interval over seeds (mean ± t_{0.975, n-1} · s / √n), which holds the run-to-run spread.", "",
+             "| policy vs baseline | per-seed win rates | mean [95% CI over seeds] | LC mean [95% CI] |",
+             "|---|---|---|---|"]
+    for t in table.values():
+        per = ", ".join(_pct(x) for x in t["win_rate"]["per_seed"])
+        name = f"{DISPLAY.get(t['policy'], t['policy'])} vs {DISPLAY.get(t['baseline'], t['baseline'])}"
+        lines.append(f"| {name} | {per} | {interval(t['win_rate'])} | {interval(t['lc_win_rate'])} |")
+    if kl:
+        lines += ["", "| RL policy | per-seed final KL | mean |", "|---|---|---|"]
+        lines += [f"| {n} | {', '.join(f'{x:.2f}' for x in v)} | {sum(v) / len(v):.2f} |" for n, v in kl.items()]
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    metrics = {f"win_rate_mean/{k}": t["win_rate"]["mean"] for k, t in table.items()}
+    metrics.update({f"win_rate_ci95_seeds/{k}": t["win_rate"]["ci95"] for k, t in table.items()})
+    write_json(out_dir / "metrics.json", metrics)
+    print(f"wrote {out_dir / 'report.md'} and seeds.json ({len(eval_dirs)} seeds)")
+    return metrics
+
+
 def main(cfg: Config) -> dict:
     out_dir = Path(cfg.out_dir)
+    if cfg.aggregate:
+        return aggregate_seeds(cfg.aggregate, out_dir)
     runs = Path(cfg.runs_dir)
     if cfg.judge not in JUDGES:
         raise SystemExit(f"--judge must be one of {', '.join(JUDGES)}, got {cfg.judge!r}")

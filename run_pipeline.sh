@@ -17,6 +17,10 @@
 #   reinforce  --algo reinforce (the paper's REINFORCE with a value baseline, on the AI RM)
 #   rloo, grpo --algo rloo / grpo (no value model, k = 4 samples per query, on the AI RM)
 #   direct     --reward direct --algo rloo (d-RLAIF: the labeler's 1-10 ratings are the reward; no RM)
+#
+# SEEDS="1 2 3" runs the whole pipeline once per seed (`--seed N` for every stage), each under seeds/seedN/ (its
+# own runs/<preset>/), then aggregates the evaluations into runs/<preset>/seeds/report.md: per comparison each
+# seed's win rate, the mean and a 95% t-interval over seeds (evaluate.py --aggregate).
 set -euo pipefail
 
 preset="${1:-tiny}"
@@ -26,6 +30,19 @@ python="${PYTHON:-python}"
 launch="${LAUNCH:-$python}"
 runs="runs/$preset"
 start=$SECONDS
+
+if [[ -n "${SEEDS:-}" ]]; then
+    aggregate=()
+    for seed in $SEEDS; do
+        echo "=== seed $seed: seeds/seed$seed/"
+        mkdir -p "seeds/seed$seed"
+        (cd "seeds/seed$seed" && SEEDS="" bash "$here/run_pipeline.sh" "$preset" "$@" --seed "$seed")
+        aggregate+=(--aggregate "seeds/seed$seed/$runs/eval")
+    done
+    "$python" "$here/evaluate.py" --preset "$preset" "${aggregate[@]}" --out-dir "$runs/seeds"
+    echo "=== $(wc -w <<< "$SEEDS") seeds finished in $((SECONDS - start)) s; report: $runs/seeds/report.md"
+    exit 0
+fi
 
 stage() {  # stage NAME LAUNCHER SCRIPT [flags...]
     local name="$1" launcher="$2" script="$3"

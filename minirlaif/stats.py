@@ -167,3 +167,48 @@ def length_controlled_win_rate(outcomes, len_policy, len_baseline, feature: str 
         ci = percentile_interval(boots)
     return {"lc_win_rate": sigmoid(fit["intercept"]), "lc_intercept": fit["intercept"], "lc_slope": fit["slope"],
             "lc_converged": fit["converged"], "lc_ci95": ci, "lc_frac_similar_length": float(similar.mean())}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# several seeds: one run is not a result
+
+
+def student_t_quantile(q: float, df: int) -> float:
+    """The q-quantile of Student's t with `df` degrees of freedom (q in (0.5, 1)), by bisection on its CDF.
+
+    The CDF is 1 - I_x(df/2, 1/2) / 2 at x = df / (df + t^2) (the regularised incomplete beta), integrated here
+    with Simpson's rule on the density after t = tan(u), which maps [0, inf) onto [0, pi/2): no scipy needed.
+    """
+    assert 0.5 < q < 1 and df >= 1
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(t: float) -> float:  # P(T <= t) for t >= 0: 1/2 + integral of the density over [0, t]
+        hi, n = math.atan(t), 2000  # substitute x = tan(u): dx = du / cos^2(u)
+        h = hi / n
+        f = lambda u: math.exp(log_c - (df + 1) / 2 * math.log1p(math.tan(u) ** 2 / df)) / math.cos(u) ** 2  # noqa: E731
+        total = f(0) + f(hi) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, n))
+        return 0.5 + total * h / 3
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < q:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def seed_summary(per_seed: list[float], level: float = 0.95) -> dict:
+    """Several seeds' win rates of one comparison -> their mean and a t-interval over seeds.
+
+    mean +- t_{(1+level)/2, n-1} * s / sqrt(n), with s the seeds' sample standard deviation: the interval is about
+    the spread between whole pipeline runs (SFT, labels, RM and RL all reseeded), which the bootstrap over posts of
+    one run does not see. None for fewer than two seeds.
+    """
+    n = len(per_seed)
+    mean = sum(per_seed) / n if n else None
+    if n < 2:
+        return {"per_seed": list(per_seed), "n_seeds": n, "mean": mean, "ci95": None, "std": None}
+    std = math.sqrt(sum((x - mean) ** 2 for x in per_seed) / (n - 1))
+    half = student_t_quantile((1 + level) / 2, n - 1) * std / math.sqrt(n)
+    return {"per_seed": list(per_seed), "n_seeds": n, "mean": mean, "ci95": [mean - half, mean + half], "std": std}

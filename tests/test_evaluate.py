@@ -464,3 +464,32 @@ def test_the_algorithms_table_reads_each_rl_runs_metrics(tmp_path):
                               "ci95": [0.65, 0.75], "lc_win_rate": 0.55, "final_kl": 4.5, "train_time_s": 321.0,
                               "labeler_calls": 777, "label_pairs": None}
     assert rows["ppo"]["labeler_calls"] is None and rows["ppo"]["label_pairs"] == 2000
+
+
+def test_seeds_aggregate_to_the_mean_and_a_t_interval_by_hand(tmp_path):
+    """Three made-up seeds' eval.json: 0.80, 0.70, 0.75 for ppo vs sft -> mean 0.75 and
+    0.75 +- 4.3027 * 0.05 / sqrt(3); a comparison in two seeds only uses those two."""
+    dirs = []
+    for seed, (w, lc) in enumerate([(0.80, 0.6), (0.70, 0.5), (0.75, 0.7)]):
+        comps = [{"policy": "ppo", "baseline": "sft", "win_rate": w, "lc_win_rate": lc}]
+        if seed < 2:
+            comps.append({"policy": "rloo", "baseline": "sft", "win_rate": 0.6 + 0.1 * seed, "lc_win_rate": None})
+        d = tmp_path / f"seed{seed}"
+        d.mkdir()
+        algorithms = {"ppo": {"final_kl": 4.0 + seed}}
+        (d / "eval.json").write_text(json.dumps({"comparisons": comps, "algorithms": algorithms}))
+        dirs.append(str(d))
+    out = tmp_path / "agg"
+    cfg = parse_config(evaluate.Config, evaluate.PRESETS, [*sum((["--aggregate", d] for d in dirs), []),
+                                                           "--out-dir", str(out)])
+    metrics = evaluate.main(cfg)
+    half = 4.302653 * 0.05 / math.sqrt(3)
+    assert metrics["win_rate_mean/ppo_vs_sft"] == pytest.approx(0.75)
+    assert metrics["win_rate_ci95_seeds/ppo_vs_sft"] == pytest.approx([0.75 - half, 0.75 + half], abs=1e-5)
+    seeds = read_json(out / "seeds.json")
+    rloo = seeds["comparisons"]["rloo_vs_sft"]
+    assert rloo["win_rate"]["per_seed"] == pytest.approx([0.6, 0.7]) and len(rloo["seeds"]) == 2
+    half2 = 12.7062 * math.sqrt(0.005) / math.sqrt(2)  # s of (0.6, 0.7) is sqrt(0.005)
+    assert rloo["win_rate"]["ci95"] == pytest.approx([0.65 - half2, 0.65 + half2], abs=1e-4)
+    assert seeds["final_kl"]["ppo"]["mean"] == pytest.approx(5.0)
+    assert "| RLAIF vs SFT | 80.0%, 70.0%, 75.0% |" in (out / "report.md").read_text()

@@ -159,3 +159,24 @@ def test_separable_or_degenerate_outcomes_give_a_finite_fit():
     assert stats.length_controlled_win_rate([], [], [])["lc_win_rate"] is None
     # empty summaries have length 0: floored at 1 word, never log(0)
     assert np.isfinite(stats.length_feature([0, 3], [4, 0])).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# several seeds
+
+
+@pytest.mark.parametrize("df,want", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)])
+def test_student_t_quantile_matches_the_table(df, want):
+    """97.5% quantiles of Student's t from any statistics table."""
+    assert stats.student_t_quantile(0.975, df) == pytest.approx(want, abs=2e-4)
+
+
+def test_seed_summary_by_hand():
+    """Three made-up seeds: 0.80, 0.70, 0.75 -> mean 0.75, s = 0.05, half-width 4.3027 * 0.05 / sqrt(3)."""
+    got = stats.seed_summary([0.80, 0.70, 0.75])
+    half = 4.302653 * 0.05 / math.sqrt(3)  # = 0.124207
+    assert got["mean"] == pytest.approx(0.75) and got["std"] == pytest.approx(0.05)
+    assert got["ci95"] == pytest.approx([0.75 - half, 0.75 + half], abs=1e-5)
+    assert got["per_seed"] == [0.80, 0.70, 0.75] and got["n_seeds"] == 3
+    one = stats.seed_summary([0.6])
+    assert one["mean"] == 0.6 and one["ci95"] is None
