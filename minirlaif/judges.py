@@ -433,7 +433,7 @@ class HFLabeler:
         "1" would include that of "10" (and of "11", which is no rating). Normalised over the ratings; "mass" is
         their sum before normalising. One forward pass per (prompt, rating), batched.
         """
-        from minirlaif.models import head, hidden_states, pad_batch
+        from minirlaif.models import causal_lm_logits, pad_batch
 
         seqs, conts, owner, rating = [], [], [], []
         for n, p in enumerate(prompts):
@@ -456,8 +456,8 @@ class HFLabeler:
                 continue
             x, mask = pad_batch([seqs[i] for i in fits], self.pad_id, side="left")
             n = max(len(conts[i]) for i in fits)
-            hidden, _ = hidden_states(self.model, x.to(self.device), mask.to(self.device))
-            logp = torch.log_softmax(head(self.model)(hidden[:, -n - 1:]).float(), dim=-1).cpu()  # (b, n + 1, V)
+            logits, _ = causal_lm_logits(self.model, x.to(self.device), mask.to(self.device), keep=n + 1)
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # (b, n + 1, V)
             digits = self._digit_start(logp.shape[-1])
             for row, i in enumerate(fits):
                 c = conts[i]
