@@ -514,7 +514,7 @@ class VLLMLabeler:
         self.llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, seed=seed,
                        gpu_memory_utilization=gpu_memory_utilization, max_logprobs=max(20, top_logprobs))
         self.tokenizer, self.top_logprobs, self.usage = self.llm.get_tokenizer(), top_logprobs, {}
-        self.spec = spec or PromptSpec()
+        self.spec, self.seed = spec or PromptSpec(), seed  # seed: also the rationale samples' (lm_judge)
 
     def judge(self, queries):
         return lm_judge(self, queries)

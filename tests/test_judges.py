@@ -226,6 +226,46 @@ def test_self_consistency_seeds_are_per_pair_order_and_sample(tiny_lm):
     assert other[0]["rationale_ab"] != rows[0]["rationale_ab"]
 
 
+def test_vllm_self_consistency_sends_one_seeded_top_k_sampling_request_per_rationale(tiny_lm, monkeypatch):
+    """Against a stand-in `vllm` module (the real one needs a GPU): the rationale requests carry the sampling
+    settings and each its own seed; the scoring requests stay greedy with logprobs."""
+    import math
+    import sys
+    import types
+
+    _, tok = tiny_lm
+    calls = []
+
+    class FakeLLM:
+        def __init__(self, model, **kw):
+            pass
+
+        def get_tokenizer(self):
+            return tok
+
+        def generate(self, prompts, params, use_tqdm=False):
+            calls.append(params)
+            if isinstance(params, list):  # rationales: one text per prompt
+                return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"r{p.seed % 7}", token_ids=[1])])
+                        for p in params]
+            one, two = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("2")
+            top = {one: types.SimpleNamespace(logprob=math.log(0.6)),
+                   two: types.SimpleNamespace(logprob=math.log(0.2))}
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(logprobs=[top])]) for _ in prompts]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = FakeLLM, lambda **kw: types.SimpleNamespace(**kw)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    spec = PromptSpec("base", cot=True, cot_max_tokens=9, sc_samples=3, sc_temperature=0.5)
+    (row,) = judges.judge_pairs(judges.VLLMLabeler("m", spec, seed=8), [ITEM], orders="ab")
+    rationale_params, scoring_params = calls
+    want = [judges.rationale_seed(8, {"id": "p1", "order": "ab"}, k) for k in range(3)]
+    assert [p.seed for p in rationale_params] == want
+    assert all((p.temperature, p.top_k, p.max_tokens) == (0.5, 40, 9) for p in rationale_params)
+    assert scoring_params.temperature == 0.0 and scoring_params.max_tokens == 1
+    assert row["rationale_ab"] == [f"r{s % 7}" for s in want] and row["p_a"] == pytest.approx(0.75)
+
+
 def test_hf_too_long_prompt_is_null_not_guessed(tiny_lm):
     model, tok = tiny_lm
     labeler = judges.HFLabeler(model, tok, PromptSpec("base"))
