@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -433,9 +434,34 @@ def append_jsonl(path: str | Path, rows: list[dict]) -> None:
     """Append rows and fsync, so a row on disk survives a kill of the process."""
     with open(path, "a") as fh:
         for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+            line = json.dumps(row, ensure_ascii=False, default=_json_default) + "\n"
+            if fault_due("append"):  # tests/test_faults.py: die with half a row on disk, as a kill mid-write would
+                fh.write(line[: len(line) // 2])
+                fh.flush()
+                os.fsync(fh.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+# Fault injection for tests/test_faults.py (off unless the variable is set): MINIRLAIF_KILL_AT="EVENT:N" makes the
+# process SIGKILL itself at the Nth EVENT: "append" (a jsonl row, half written), "checkpoint" (a checkpoint just
+# completed), "checkpoint_rng" (RNG files written, state.pt not yet).
+_fault_counts: dict[str, int] = {}
+
+
+def fault_due(event: str) -> bool:
+    spec = os.environ.get("MINIRLAIF_KILL_AT", "")
+    if not spec.startswith(event + ":"):
+        return False
+    _fault_counts[event] = _fault_counts.get(event, 0) + 1
+    return _fault_counts[event] == int(spec.rsplit(":", 1)[1])
+
+
+def fault_point(event: str) -> None:
+    if fault_due(event):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def truncate_jsonl(path: str | Path, key: str, last: int) -> None:
@@ -500,10 +526,12 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict, dist: Dist, ge
     for old in sorted(ckpt_dir.glob(f"rng_rank{dist.rank}_step*.pt"),
                       key=lambda p: int(p.stem.rsplit("step", 1)[1]))[:-2]:
         old.unlink()
+    fault_point("checkpoint_rng")
     if dist.ddp:  # state.pt must never name a step whose RNG file some rank has not written yet
         torch.distributed.barrier()
     if dist.master_process:
         save_atomic({**state, "step": step}, ckpt_dir / "state.pt")
+    fault_point("checkpoint")
 
 
 def non_finite_tensors(obj, prefix: str = "") -> list[str]:
