@@ -45,7 +45,7 @@ VOLATILE = ("time", "_s", "eps", "per_s", "updates_this_run", "api_this_run")
 
 
 def volatile(key: str) -> bool:
-    return key == "time" or key.startswith("time/") or key.endswith(VOLATILE) or key in VOLATILE
+    return key == "time" or key.startswith(("time/", "eps")) or key.endswith(VOLATILE) or key in VOLATILE
 
 
 def strip(obj):
