@@ -115,7 +115,7 @@ FIELD_RULES: dict[str, tuple] = {
         "max_query_tokens", "max_completion_tokens", "max_summary_tokens", "cot_max_tokens", "max_concurrency",
         "n_bootstrap", "n_reference", "n_layer", "n_head", "n_embd", "n_positions", "vocab_size",
         "tensor_parallel_size", "kl_horizon", "request_timeout", "lr", "grad_clip", "cliprange", "cliprange_value",
-        "rule_temperature", "temperature", "sc_samples")},
+        "rule_temperature", "temperature", "sc_samples", "grid_sc_samples")},
     **{name: NON_NEGATIVE for name in (
         "warmup_steps", "weight_decay", "center_coef", "kl_coef", "kl_target", "vf_coef", "shots", "max_retries",
         "retry_base_delay", "retry_max_delay", "price_input_per_1m", "price_output_per_1m", "rule_noise", "n_judge",
