@@ -349,7 +349,13 @@ def grid_cells(cfg: Config) -> dict[str, dict]:
             for preamble in ("base", "detailed"):
                 cells[f"{preamble}-{shots}shot{'-cot' if cot else ''}"] = dict(
                     preamble=preamble, shots=shots, cot=cot, sc_samples=1, sc_temperature=0.0)
-    for t in (float(x) for x in cfg.grid_sc_temperatures.split(",") if x.strip()):
+    try:
+        temperatures = [float(x) for x in cfg.grid_sc_temperatures.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--grid-sc-temperatures: comma-separated numbers, got {cfg.grid_sc_temperatures!r}") from None
+    if any(not t > 0 for t in temperatures):
+        raise SystemExit(f"--grid-sc-temperatures must be > 0 (a self-consistency cell samples), got {temperatures}")
+    for t in temperatures:
         cells[f"detailed-0shot-cot-sc-T{t:g}"] = dict(
             preamble="detailed", shots=0, cot=True, sc_samples=cfg.grid_sc_samples, sc_temperature=t)
     if cfg.grid_cells:
