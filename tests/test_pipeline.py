@@ -13,8 +13,9 @@ STAGES = ["sft", "labels", "rm", "ppo", "rm_human", "ppo_rlhf", "eval"]
 
 def run_pipeline(cwd: Path) -> str:
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "ALGOS": "direct"}
+    # the timeout is generous: about 30 s on an idle 2-core machine, over 500 s when other jobs share the cores
     out = subprocess.run(["bash", str(ROOT / "run_pipeline.sh"), "micro"], cwd=cwd, env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=1800)
     assert out.returncode == 0, out.stdout[-4000:]
     return out.stdout
 
