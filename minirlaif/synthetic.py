@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -314,5 +315,7 @@ def write_task(data_dir: str | Path, cfg: TaskConfig = TaskConfig()) -> Path:
             ex = make_example(rng, cfg)
             rows += make_comparisons(rng, ex, split, f"syn-cmp-{split}-{i:06d}", cfg)
         _write_jsonl(data_dir / "comparisons" / f"{split}.jsonl", rows)
-    stamp.write_text(json.dumps(want, indent=2) + "\n")
+    tmp = stamp.with_name(stamp.name + ".tmp")  # written last and atomically: a kill before it redoes the task
+    tmp.write_text(json.dumps(want, indent=2) + "\n")
+    os.replace(tmp, stamp)
     return data_dir
