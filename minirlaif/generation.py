@@ -164,7 +164,119 @@ def vllm_generate(model_path: str, queries: list[list[int]], n: int, max_new_tok
                              stop_token_ids=[tok.eos_token_id], skip_special_tokens=False)
               for s in (seeds if seeds is not None else row_seeds(seed, n=len(queries)))]
     prompts = [{"prompt_token_ids": q} for q in queries]
-    results = llm.generate(prompts, params)
+    try:
+        results = llm.generate(prompts, params)
+    finally:
+        close_vllm(llm)
     return [[{"text": decode_summary(tok, list(o.token_ids)), "token_ids": list(o.token_ids)}
              for o in r.outputs] for r in results]
 
+
+def close_vllm(llm) -> None:
+    """Shut an engine down now (idempotent), not whenever the garbage collector finds it: an in-process engine's
+    shutdown tears down vLLM's global distributed state, which would break an engine made after it."""
+    llm.llm_engine.engine_core.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rollout engines for train_ppo.py: generate(policy, ...) as `generate` does, and sync(policy) after each update
+
+
+class HFRollout:
+    """The shared KV-cache sampler as a rollout engine: it samples with the policy itself, so there is nothing to
+    sync, and its log-probs are the sampling logits' (`generate`)."""
+
+    def sync(self, model) -> None:
+        pass
+
+    def generate(self, policy, query_ids, query_mask, max_new_tokens, eos_id, pad_id, temperature, seeds):
+        return generate(policy, query_ids, query_mask, max_new_tokens, eos_id, pad_id, temperature=temperature,
+                        seeds=seeds)
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class VLLMRollout:
+    """vLLM as the rollout engine: made once from the initial policy, the policy's weights synced into it before
+    every rollout (`sync`), responses sampled by it, and their old log-probs recomputed by the trainer's policy.
+
+    Why recompute: vLLM's kernels (paged attention, its own matmul layout) round differently from the trainer's
+    forward pass, so its log-probs of the same tokens are slightly off. Used as PPO's old log-probs, they would make
+    the ratio differ from 1 at the first step for no reason, and the clipping would act on that noise. The
+    trainer's own forward pass costs one extra policy forward per rollout (no backward) and gives ratio exactly 1;
+    vLLM's log-probs are still read (`logprobs_mode="processed_logprobs"`: of the temperature-scaled
+    distribution it sampled from), and the mismatch is reported by `stats()`, the alternative being importance
+    sampling with vLLM's log-probs as the behaviour policy.
+    Each request carries its row's seed, so a sample depends only on the weights, the query and the seed: not on
+    the batch, the rank or a resume.
+    """
+
+    def __init__(self, model_path: str, seed: int = 0, gpu_memory_utilization: float = 0.3, **kwargs):
+        self.llm = vllm_engine(model_path, seed, gpu_memory_utilization=gpu_memory_utilization,
+                               logprobs_mode="processed_logprobs", **kwargs)
+        self._diff_sum, self._diff_max, self._n = 0.0, 0.0, 0
+
+    def sync(self, model) -> None:
+        """Load `model`'s weights into the engine, in place, then drop vLLM's prefix cache (its keys and values
+        came from the old weights). The state dict holds lm_head.weight even when it is tied to the embedding:
+        vLLM's CPU build keeps its own (repacked) copy of the head, which would otherwise keep its old values."""
+        weights = list(model.state_dict().items())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+
+    @torch.no_grad()
+    def generate(self, policy, query_ids, query_mask, max_new_tokens, eos_id, pad_id, temperature, seeds):
+        """Like `generate`: responses to left-padded queries (B, Q), as a Generation whose log-probs are the
+        trainer's (`policy`'s forward pass on the same temperature-scaled logits)."""
+        from vllm import SamplingParams
+
+        from minirlaif.losses import logprobs_from_logits
+        from minirlaif.models import response_logits
+
+        queries = [ids[m.bool()].tolist() for ids, m in zip(query_ids.cpu(), query_mask.cpu())]
+        params = [SamplingParams(temperature=temperature, max_tokens=max_new_tokens, seed=s, stop_token_ids=[eos_id],
+                                 logprobs=0, detokenize=False) for s in seeds]
+        outs = [r.outputs[0] for r in self.llm.generate([{"prompt_token_ids": q} for q in queries], params,
+                                                         use_tqdm=False)]
+        B, R, device = len(outs), max(len(o.token_ids) for o in outs), query_ids.device
+        tokens = torch.full((B, R), pad_id, dtype=torch.long)
+        mask, engine_logprobs = torch.zeros(B, R, dtype=torch.long), torch.zeros(B, R)
+        for i, o in enumerate(outs):  # vLLM stops at the first EOS and keeps it: the mask covers it
+            n = len(o.token_ids)
+            tokens[i, :n], mask[i, :n] = torch.tensor(o.token_ids), 1
+            engine_logprobs[i, :n] = torch.tensor([lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)])
+        tokens, mask = tokens.to(device), mask.to(device)
+        ids, full_mask = torch.cat([query_ids, tokens], 1), torch.cat([query_mask, mask], 1)  # (B, Q + R)
+        logprobs = logprobs_from_logits(response_logits(policy, ids, full_mask, R), tokens, temperature) * mask
+        diff = (logprobs.cpu() - engine_logprobs).abs()[mask.cpu().bool()]  # (valid tokens,)
+        self._diff_sum, self._n = self._diff_sum + diff.sum().item(), self._n + diff.numel()
+        self._diff_max = max(self._diff_max, diff.max().item())
+        return Generation(tokens=tokens, mask=mask, logprobs=logprobs)
+
+    def stats(self) -> dict:
+        """|vLLM log-prob - trainer log-prob| of the sampled tokens since the last call: mean and max."""
+        out = {"rollout/vllm_logprob_diff_mean": self._diff_sum / max(1, self._n),
+               "rollout/vllm_logprob_diff_max": self._diff_max}
+        self._diff_sum, self._diff_max, self._n = 0.0, 0.0, 0
+        return out
+
+    def close(self) -> None:
+        close_vllm(self.llm)
+
+
+def rollout_engine(backend: str, model_path: str, seed: int = 0, gpu_memory_utilization: float = 0.3):
+    """train_ppo.py's --rollout-backend: hf (the shared sampler) or vllm (an engine loaded from `model_path`)."""
+    if backend == "hf":
+        return HFRollout()
+    if backend == "vllm":
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # vLLM's in-process engine sets up (and at shutdown destroys) a process group of its own; next to
+            # torchrun's it needs distributed_executor_backend="external_launcher", which is not wired up or tested
+            raise SystemExit("--rollout-backend vllm runs in one process only for now; under torchrun use "
+                             "--rollout-backend hf")
+        return VLLMRollout(model_path, seed, gpu_memory_utilization)
+    raise ValueError(f"unknown rollout backend {backend!r}; hf or vllm")

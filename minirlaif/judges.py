@@ -884,6 +884,8 @@ def make_labeler(cfg, seed: int | None = None):
         return VLLMLabeler(c.judge_model, spec, c.tensor_parallel_size, c.top_logprobs, seed,
                            c.gpu_memory_utilization)
     if c.labeler == "openai":
+        if c.top_logprobs > 20:
+            raise ValueError(f"--top-logprobs {c.top_logprobs}: OpenAI-compatible APIs return at most 20")
         return OpenAILabeler(c.api_base, c.api_model, spec, c.top_logprobs, c.max_concurrency, c.max_retries,
                              c.retry_base_delay, c.retry_max_delay, c.request_timeout, seed)
     raise ValueError(f"unknown labeler {c.labeler!r}; one of rule, hf, vllm, openai")

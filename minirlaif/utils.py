@@ -126,7 +126,7 @@ FIELD_RULES: dict[str, tuple] = {
     "min_lr_ratio": between(0, 1), "gamma": between(0, 1), "lam": between(0, 1), "val_frac": between(0, 0.99),
     "test_frac": between(0, 0.99), "gpu_memory_utilization": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "min_confidence": between(0, 9), "tie_eps": (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
-    "top_logprobs": between(1, 20),
+    "top_logprobs": POSITIVE,  # vllm reads any k (max_logprobs is raised to it); openai: make_labeler caps it at 20
     "human_frac": (lambda v: v == -1 or 0 < v < 1, "must be in (0, 1), or -1 for all of both"),
     "kl_estimator": one_of("k1", "k2", "k3"), "feedback": one_of("ai", "human", "mixed"),
     "labels": one_of("soft", "hard"),
@@ -134,6 +134,7 @@ FIELD_RULES: dict[str, tuple] = {
     "preamble": one_of("base", "detailed"), "labeler": one_of("rule", "hf", "vllm", "openai"),
     "judge": one_of("rule", "hf", "vllm", "openai"), "algo": one_of("ppo", "reinforce", "rloo", "grpo"),
     "reward": one_of("rm", "direct"),
+    "rollout_backend": one_of("hf", "vllm"),
 }
 
 

@@ -77,3 +77,17 @@ def test_vllm_generate_seeds_each_query_like_generate_texts(monkeypatch):
     # explicit seeds (label.py: fixed by each post's place in the dataset, so a resumed call repeats them)
     vllm_generate("m", [[1], [2]], n=1, max_new_tokens=4, temperature=1.0, seed=3, seeds=[11, 42])
     assert [p.seed for p in FakeLLM.params] == [11, 42]
+
+
+def test_rollout_engine_choices_and_torchrun_refusal(monkeypatch):
+    import torch
+
+    from minirlaif.generation import HFRollout, rollout_engine
+
+    assert isinstance(rollout_engine("hf", "m"), HFRollout)
+    with pytest.raises(ValueError, match="hf or vllm"):
+        rollout_engine("sglang", "m")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    with pytest.raises(SystemExit, match="one process only"):
+        rollout_engine("vllm", "m")  # refused before vLLM is imported

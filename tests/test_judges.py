@@ -519,3 +519,16 @@ def test_make_labeler_reads_any_cfg_like_object():
         judges.make_labeler(judges.JudgeConfig(labeler="gpt"))
     with pytest.raises(ValueError, match="--api-model"):
         judges.make_labeler(judges.JudgeConfig(labeler="openai"))
+
+
+def test_top_logprobs_over_20_is_for_vllm_only():
+    """vLLM reads any number of top logprobs (VLLMLabeler raises max_logprobs); OpenAI-compatible APIs cap it at 20."""
+    import label
+    from minirlaif.judges import JudgeConfig, make_labeler
+    from minirlaif.utils import parse_config
+
+    assert parse_config(label.Config, label.PRESETS, ["--labeler", "vllm", "--top-logprobs", "400"]).top_logprobs == 400
+    with pytest.raises(SystemExit, match="top-logprobs"):
+        parse_config(label.Config, label.PRESETS, ["--top-logprobs", "0"])
+    with pytest.raises(ValueError, match="at most 20"):
+        make_labeler(JudgeConfig(labeler="openai", api_model="m", top_logprobs=21))

