@@ -19,7 +19,9 @@ class FakeTokenizer:
 
 class FakeLLM:
     def __init__(self, model, **kw):
-        self.kw = kw
+        self.kw, FakeLLM.closed = kw, False
+        shutdown = lambda: setattr(FakeLLM, "closed", True)  # noqa: E731
+        self.llm_engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(shutdown=shutdown))
 
     def get_tokenizer(self):
         return FakeTokenizer()
@@ -65,6 +67,7 @@ def test_vllm_engine_settings_on_gpu_and_cpu(monkeypatch, on_cpu):
 def test_vllm_generate_seeds_each_query_like_generate_texts(monkeypatch):
     fake_vllm(monkeypatch, on_cpu=False)
     out = vllm_generate("m", [[5, 7], [9]], n=2, max_new_tokens=4, temperature=1.0, seed=3)
+    assert FakeLLM.closed  # shut down when done, not whenever the garbage collector finds it
     # texts lose the leading space and the EOS; token ids keep the EOS
     assert out[0] == [{"text": "w7 w1", "token_ids": [7, 1, 0]}, {"text": "w7 w2", "token_ids": [7, 2, 0]}]
     assert out[1][1] == {"text": "w9 w2", "token_ids": [9, 2, 0]}
