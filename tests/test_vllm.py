@@ -258,7 +258,7 @@ def test_ppo_vllm_rollouts_ratio_one_and_resume(setup, rm, tmp_path, monkeypatch
     queries = [build_query(tok, p, 200)[1] for p in setup["posts"][:8]]
     engine = VLLMRollout(str(d / "gpt2"), seed=0)
     b = train_ppo.rollout(policy, ref, value, reward, queries, row_seeds(3, n=8), tok, cfg, torch.device("cpu"),
-                          engine)
+                          engine=engine)
     R = int(b["response_mask"].sum(1).max())  # the rollout's width (its batch is padded to response_length)
     resp, m = b["response"][:, :R], b["response_mask"][:, :R]
     ids, mask = torch.cat([b["query"], resp], 1), torch.cat([b["query_mask"], m], 1)
@@ -269,7 +269,7 @@ def test_ppo_vllm_rollouts_ratio_one_and_resume(setup, rm, tmp_path, monkeypatch
     diff = engine.stats()
     assert diff["rollout/vllm_logprob_diff_max"] < 1e-4 and diff["rollout/vllm_logprob_diff_mean"] > 0, diff
     again = train_ppo.rollout(policy, ref, value, reward, queries[::-1], row_seeds(3, n=8)[::-1], tok, cfg,
-                              torch.device("cpu"), engine)
+                              torch.device("cpu"), engine=engine)
     engine.close()
     assert torch.equal(again["response"].flip(0)[:, :b["response"].shape[1]], b["response"]), \
         "each sample depends on its seed, not on its batch mates or their order"
