@@ -246,8 +246,9 @@ def test_vllm_self_consistency_sends_one_seeded_top_k_sampling_request_per_ratio
         def generate(self, prompts, params, use_tqdm=False):
             calls.append(params)
             if isinstance(params, list):  # rationales: one text per prompt
-                return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"r{p.seed % 7}", token_ids=[1])])
-                        for p in params]
+                # VLLMLabeler decodes the token ids itself (as HFLabeler does)
+                return [types.SimpleNamespace(outputs=[types.SimpleNamespace(
+                    token_ids=tok(f"r{p.seed % 7}", add_special_tokens=False)["input_ids"])]) for p in params]
             one, two = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("2")
             top = {one: types.SimpleNamespace(logprob=math.log(0.6)),
                    two: types.SimpleNamespace(logprob=math.log(0.2))}
@@ -255,7 +256,10 @@ def test_vllm_self_consistency_sends_one_seeded_top_k_sampling_request_per_ratio
 
     fake = types.ModuleType("vllm")
     fake.LLM, fake.SamplingParams = FakeLLM, lambda **kw: types.SimpleNamespace(**kw)
+    platforms = types.ModuleType("vllm.platforms")  # generation.vllm_engine asks for the platform
+    platforms.current_platform = types.SimpleNamespace(is_cpu=lambda: False)
     monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     spec = PromptSpec("base", cot=True, cot_max_tokens=9, sc_samples=3, sc_temperature=0.5)
     (row,) = judges.judge_pairs(judges.VLLMLabeler("m", spec, seed=8), [ITEM], orders="ab")
     rationale_params, scoring_params = calls
