@@ -111,6 +111,10 @@ class Config:
 PRESETS = {
     "micro": dict(max_train_posts=512, max_steps=12, n_layer=2, n_embd=64, n_head=2, eval_every=6, checkpoint_every=6,
                   n_val=32, n_judge=16, log_every=2, warmup_steps=2, micro_batch_size=8, batch_size=16),
+    # SmolLM2-135M-Instruct (python -m minirlaif.smollm2) on the synthetic task, sized for a 2-core CPU
+    "smol": dict(model="runs/models/smollm2-135m-instruct", max_query_tokens=160, max_completion_tokens=40,
+                 batch_size=4, micro_batch_size=4, max_steps=8, lr=3e-5, warmup_steps=1, min_lr_ratio=0.1,
+                 eval_every=8, n_val=8, n_judge=8, checkpoint_every=4, log_every=1),
     "gpt2-large": dict(task_dir="", dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered", model="gpt2-large",
                        max_query_tokens=512, max_completion_tokens=128, batch_size=64, micro_batch_size=8,
                        max_steps=-1, epochs=1, lr=5e-5, warmup_steps=0, min_lr_ratio=0.0, weight_decay=0.0,
