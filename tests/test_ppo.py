@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,6 +225,19 @@ def test_micro_run_learns_nothing_silly_and_saves(setup, tmp_path):
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["update"] for s in samples} == {1, 2, 3} and all("reference_score" in s for s in samples)
     assert (out / "model.safetensors").exists() and (out / "manifest.json").exists()
+
+
+def test_empty_posts_are_skipped_and_counted(setup, tmp_path):
+    """A query dataset with empty (whitespace-only) posts: they are left out of the queries and counted."""
+    data = tmp_path / "data"
+    shutil.copytree(setup["root"] / "data" / "sft", data)
+    rows = (data / "train.jsonl").read_text().splitlines()
+    empty = [json.dumps({**json.loads(rows[i]), "id": f"empty-{i}", "post": " \n "}) for i in range(2)]
+    (data / "train.jsonl").write_text("\n".join(rows + empty) + "\n")
+    args = ppo_args(setup, tmp_path / "o", "--total-episodes", "16")
+    args[args.index("--dataset") + 1] = str(data)
+    metrics = train_ppo.main(parse_config(train_ppo.Config, train_ppo.PRESETS, args))
+    assert (metrics["n_queries"], metrics["n_skipped_empty"]) == (len(setup["posts"]), 2)
 
 
 def test_a_causal_lm_given_as_the_reward_model_is_refused(setup, tmp_path):
