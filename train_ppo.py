@@ -437,8 +437,7 @@ def main(cfg: Config) -> dict:
         synthetic.write_task(cfg.task_dir)
     if dist.ddp:
         torch.distributed.barrier()
-    # the RM must be one (a causal LM would be scored by a random head); the value model may start from a causal LM
-    # (the paper initialises it from SFT): it then gets a new head seeded by cfg.seed, the same on every rank
+    # the RM must be one: a causal LM would be scored by a new, random head (the value model may be one: see below)
     if cfg.reward == "rm":
         check_reward_model(cfg.rm_path, "--rm-path")
     tokenizer = load_tokenizer(cfg.sft_path)
@@ -493,7 +492,6 @@ def main(cfg: Config) -> dict:
     samples_path = out_dir / "samples.jsonl"
     if master:
         truncate_jsonl(samples_path, "update", update)
-    if master:
         print(f"{cfg.algo}: {len(queries)} queries, {num_updates} updates of {cfg.batch_size} episodes "
               f"({k} per query), world {dist.world_size}, device {device}, value model: {use_value}")
 
