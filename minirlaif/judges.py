@@ -172,8 +172,8 @@ def direct_scores(labeler, items: list[dict], summary_key: str = "summary") -> l
     elif hasattr(labeler, "rating_probs"):
         rows = labeler.rating_probs([build_rating_prompt(judge_text(it), it[summary_key]) for it in items])
     else:
-        raise ValueError(f"{type(labeler).__name__} cannot rate single summaries (d-RLAIF needs the rule or hf "
-                         f"labeler)")
+        raise ValueError(f"{type(labeler).__name__} cannot rate single summaries (d-RLAIF needs a labeler with "
+                         f"rating_probs: rule, hf, vllm or openai)")
     return [None if r["probs"] is None else rating_reward(r["probs"]) for r in rows]
 
 
@@ -227,6 +227,29 @@ def choice_token_ids(tokenizer, choice: str) -> list[int]:
     if not ids:
         raise ValueError(f"the labeler's tokenizer has no single token for {choice!r} (nor {' ' + choice!r})")
     return ids
+
+
+def rating_sequences(tokenizer, prompts: list[str], ratings: tuple[int, ...]):
+    """d-RLAIF with a local LM: one sequence per (prompt, rating), the prompt's tokens then the rating's, split
+    as the text "prompt r" tokenizes (so "10" is one token or "1" + "0", whatever this tokenizer does).
+    -> (seqs, conts: each sequence's rating tokens, owner: its prompt's index, rating)."""
+    seqs, conts, owner, rating = [], [], [], []
+    for n, p in enumerate(prompts):
+        ids = encode_prompt(tokenizer, p)
+        for r in ratings:
+            full = encode_prompt(tokenizer, f"{p} {r}")
+            cont = (full[len(ids):] if full[:len(ids)] == ids and len(full) > len(ids)
+                    else tokenizer.encode(f" {r}", add_special_tokens=False))
+            seqs.append(ids + cont)
+            conts.append(cont)
+            owner.append(n)
+            rating.append(r)
+    return seqs, conts, owner, rating
+
+
+def digit_start(tokenizer, token_id: int) -> bool:
+    """Whether a token's text starts with a digit, i.e. would make a number longer."""
+    return token_id < len(tokenizer) and tokenizer.decode([token_id])[:1].isdigit()
 
 
 def normalise(raw: list[float], why_empty: str) -> dict:
@@ -419,8 +442,7 @@ class HFLabeler:
     def _digit_start(self, V: int) -> torch.Tensor:
         """(V,) bool: the tokens whose text starts with a digit, i.e. that would make a number longer."""
         if getattr(self, "_digits", None) is None or len(self._digits) != V:
-            n = len(self.tokenizer)
-            self._digits = torch.tensor([i < n and self.tokenizer.decode([i])[:1].isdigit() for i in range(V)])
+            self._digits = torch.tensor([digit_start(self.tokenizer, i) for i in range(V)])
         return self._digits
 
     @torch.no_grad()
@@ -435,17 +457,7 @@ class HFLabeler:
         """
         from minirlaif.models import causal_lm_logits, pad_batch
 
-        seqs, conts, owner, rating = [], [], [], []
-        for n, p in enumerate(prompts):
-            ids = encode_prompt(self.tokenizer, p)
-            for r in ratings:
-                full = encode_prompt(self.tokenizer, f"{p} {r}")
-                cont = (full[len(ids):] if full[:len(ids)] == ids and len(full) > len(ids)
-                        else self.tokenizer.encode(f" {r}", add_special_tokens=False))
-                seqs.append(ids + cont)
-                conts.append(cont)
-                owner.append(n)
-                rating.append(r)
+        seqs, conts, owner, rating = rating_sequences(self.tokenizer, prompts, ratings)
         raw: list[dict] = [{} for _ in prompts]  # prompt -> {rating: P(rating), not normalised}
         too_long = [False] * len(prompts)
         for idx in self._batches(seqs):
@@ -536,6 +548,40 @@ class VLLMLabeler:
             r = normalise(raw, f"neither of {list(choices)} in the top-{self.top_logprobs} logprobs")
             r["usage"] = {"prompt_tokens": len(x), "completion_tokens": 1}
             out.append(r)
+        return out
+
+    def rating_probs(self, prompts, ratings=RATINGS):
+        """P(rating) after each prompt (d-RLAIF), computed as HFLabeler.rating_probs does: each rating's tokens
+        scored as a continuation of the prompt (vLLM's prompt logprobs), times P(the number ends) = 1 - the
+        next-token mass on digits, read from the top-`top_logprobs` next tokens (digits outside them count as 0).
+        The ten sequences of a prompt share its prefix, which vLLM's prefix cache computes once."""
+        from vllm import SamplingParams
+
+        seqs, conts, owner, rating = rating_sequences(self.tokenizer, prompts, ratings)
+        max_len = self.llm.llm_engine.model_config.max_model_len
+        fits = [i for i, x in enumerate(seqs) if len(x) < max_len]  # room for the one token after the rating
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, logprobs=self.top_logprobs)
+        results = self.llm.generate([{"prompt_token_ids": seqs[i]} for i in fits], params, use_tqdm=False)
+        if not hasattr(self, "_digits"):
+            self._digits = {}
+        raw: list[dict] = [{} for _ in prompts]
+        for i, res in zip(fits, results):
+            x, c = seqs[i], conts[i]
+            # prompt_logprobs[t] holds log p(x[t] | x[:t]) (position 0: None); the rating is x[-len(c):]
+            lp = sum(res.prompt_logprobs[len(x) - len(c) + j][t].logprob for j, t in enumerate(c))
+            top = res.outputs[0].logprobs[0]  # {token id: Logprob} after the whole rating
+            for t in top:
+                if t not in self._digits:
+                    self._digits[t] = digit_start(self.tokenizer, t)
+            ends = 1.0 - sum(math.exp(v.logprob) for t, v in top.items() if self._digits[t])
+            raw[owner[i]][rating[i]] = math.exp(lp) * max(ends, 0.0)
+        out = []
+        for n in range(len(prompts)):
+            if len(raw[n]) < len(ratings):
+                out.append({"probs": None, "mass": None,
+                            "null_reason": f"prompt + rating over the labeler's {max_len} tokens"})
+                continue
+            out.append(normalise([raw[n][r] for r in ratings], f"zero probability on the ratings {list(ratings)}"))
         return out
 
     def complete(self, prompts, max_tokens, temperature=0.0, top_k=0, seeds=None):
@@ -762,6 +808,50 @@ class OpenAILabeler:
         def one(prompt):
             result, usage = self._post(self._body(prompt, max_tokens=1, logprobs=True,
                                                   top_logprobs=self.top_logprobs), parse)
+            return {**result, "usage": usage}
+
+        return self._map(one, prompts)
+
+    def rating_probs(self, prompts, ratings=RATINGS):
+        """P(rating) after each prompt (d-RLAIF), from a greedy answer of two tokens with their top logprobs.
+
+        The first position's top list gives every rating the API's tokenizer spells as one token (" 7", "10").
+        The second position's list is conditional on the token the model chose first; when that is a rating
+        ("1"), it gives P(no digit follows), so "1" counts as 1 only that often, and P("1" + "0") goes to 10.
+        Exact for tokenizers that spell 1..10 as single tokens (OpenAI's since cl100k, Llama 3). Where "10" is
+        split and the answer does not begin with "1", P("0" | "1") is not in the answer and rating 1 keeps all of
+        P("1"): for such models use the hf or vllm labeler, which score every rating as a continuation. A
+        request that fails for good (APIError) gives a null rating with the reason, never a made-up one."""
+        names = {str(r): r for r in ratings}
+
+        def parse(answer):
+            content = answer["choices"][0]["logprobs"]["content"]
+            try:
+                tops = [[(t["token"], _logprob(t["logprob"])) for t in pos["top_logprobs"]] for pos in content[:2]]
+            except ValueError as e:  # a broken server, not a flaky one: no retry, and no made-up rating
+                return {"probs": None, "mass": None, "null_reason": f"the API returned an {e}"}
+            raw = dict.fromkeys(ratings, 0.0)
+            for tok, lp in tops[0]:
+                if tok.strip() in names:
+                    raw[names[tok.strip()]] += math.exp(lp)
+            chosen = content[0]["token"]
+            if len(tops) > 1 and chosen.strip() in names:  # what follows the chosen rating token
+                p_chosen = sum(math.exp(lp) for tok, lp in tops[0] if tok == chosen)
+                digits = [(tok, math.exp(lp)) for tok, lp in tops[1] if tok[:1].isdigit()]
+                raw[names[chosen.strip()]] -= p_chosen * sum(p for _, p in digits)  # a longer number, not this one
+                for tok, p in digits:
+                    if chosen.strip() + tok in names:  # "1" + "0"
+                        raw[names[chosen.strip() + tok]] += p_chosen * p
+            best = max(tops[0], key=lambda t: t[1])[0] if tops[0] else None
+            return normalise([max(raw[r], 0.0) for r in ratings],
+                             f"no rating among the top-{len(tops[0])} logprobs (top token {best!r})")
+
+        def one(prompt):
+            try:
+                result, usage = self._post(self._body(prompt, max_tokens=2, logprobs=True,
+                                                      top_logprobs=self.top_logprobs), parse)
+            except APIError as e:
+                return {"probs": None, "mass": None, "null_reason": str(e), "usage": None}
             return {**result, "usage": usage}
 
         return self._map(one, prompts)

@@ -45,6 +45,7 @@ class FakeAPI:
 
     def __init__(self, default="ok", delay=0.0, top=TOP, lifetime=600.0, max_requests=2000):
         self.plan, self.default, self.delay, self.top = [], default, delay, top
+        self.positions = None  # d-RLAIF answers: [(chosen token, top list)] per answer position (None: one, `top`)
         self.retry_after, self.slow, self.drip, self.max_requests = "0", 1.0, 0.1, max_requests
         self.requests, self.lock = [], threading.Lock()
         api = self
@@ -119,9 +120,12 @@ class FakeAPI:
         top = {"huge": [("1", 1000.0), ("2", -1.0)], "nan": [("1", math.nan), ("2", -1.0)],
                "echo": [(auth, -0.01), ("Sure", -5.0)]}.get(fate, self.top)
         if scoring and fate != "nologprobs":
-            top = [{"token": t, "logprob": lp} for t, lp in top[: body["top_logprobs"]]]
-            choice["logprobs"] = {"content": [{"token": top[0]["token"] if top else "x", "logprob": -0.1,
-                                               "top_logprobs": top}]}
+            content = []
+            for chosen, tl in self.positions or [(None, top)]:
+                tl = [{"token": t, "logprob": lp} for t, lp in tl[: body["top_logprobs"]]]
+                content.append({"token": chosen or (tl[0]["token"] if tl else "x"), "logprob": -0.1,
+                                "top_logprobs": tl})
+            choice["logprobs"] = {"content": content[: body["max_tokens"]]}
         usage = {"prompt_tokens": 100, "completion_tokens": 1 if scoring else 7, "total_tokens": 0}
         if fate == "badusage":
             usage = {"prompt_tokens": "a hundred", "completion_tokens": None}
@@ -334,3 +338,45 @@ def test_the_key_is_redacted_from_answers_that_echo_it(api, monkeypatch):
     assert row["rationale_ab"] == "Bearer [REDACTED]"
     assert row["null_reason"] == "ab: neither of ['1', '2'] in the top-2 logprobs (top token 'Bearer [REDACTED]')"
     assert KEY not in json.dumps(row)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# d-RLAIF ratings 1..10 through the API
+
+
+def test_api_ratings_read_single_token_numbers_and_10_split_after_a_chosen_1(api):
+    """Ratings spelled as one token are read from the first position; a "1" the model chose is 1 only when no digit
+    follows it (second position), and "1" + "0" is 10. The expected rating is then exact (hand-computed)."""
+    lab = client(api.url)
+    # a tokenizer with single-token numbers: " 7" chosen; "0" after it would make 70, which is no rating
+    api.positions = [(" 7", [(" 7", math.log(0.5)), (" 8", math.log(0.3)), ("10", math.log(0.1)),
+                             (" 1", math.log(0.05)), ("Sure", math.log(0.05))]),
+                     (None, [("\n", math.log(0.9)), ("0", math.log(0.1))])]
+    (r,) = lab.rating_probs(["p"])
+    raw = {7: 0.5 - 0.5 * 0.1, 8: 0.3, 10: 0.1, 1: 0.05}
+    want = [raw.get(i, 0.0) / sum(raw.values()) for i in judges.RATINGS]
+    assert r["probs"] == pytest.approx(want, abs=1e-12) and r["mass"] == pytest.approx(sum(raw.values()))
+    assert api.requests[-1]["body"]["max_tokens"] == 2 and api.requests[-1]["body"]["logprobs"] is True
+    # a tokenizer that splits 10: "1" chosen, then "0" (10), "5" (15: no rating) or the end (1)
+    api.positions = [("1", [("1", math.log(0.6)), ("9", math.log(0.3)), ("Sure", math.log(0.1))]),
+                     (None, [("0", math.log(0.5)), ("\n", math.log(0.4)), ("5", math.log(0.1))])]
+    (r,) = lab.rating_probs(["p"])
+    raw = {1: 0.6 * (1 - 0.5 - 0.1), 10: 0.6 * 0.5, 9: 0.3}
+    assert r["probs"] == pytest.approx([raw.get(i, 0.0) / sum(raw.values()) for i in judges.RATINGS], abs=1e-12)
+    expected = (1 * raw[1] + 10 * raw[10] + 9 * raw[9]) / sum(raw.values())
+    (reward,) = judges.direct_scores(lab, [{**ITEM, "summary": ITEM["summary_a"]}])
+    assert reward == pytest.approx((expected - 5.5) / 4.5, abs=1e-12)
+    # no rating among the top tokens: a null rating with the reason, not a guess
+    api.positions = [("Sure", [("Sure", -0.1), ("The", -3.0)])]
+    (r,) = lab.rating_probs(["p"])
+    assert r["probs"] is None and "no rating among the top-2" in r["null_reason"]
+
+
+def test_a_failed_rating_request_is_an_unrated_episode_never_a_made_up_reward(api):
+    api.default = "500"
+    rewards = judges.DirectRewards(client(api.url, max_retries=1))
+    items = [{**ITEM, "summary": ITEM["summary_a"]}, {**ITEM, "summary": ITEM["summary_b"]}]
+    assert rewards(items) == [None, None]
+    assert rewards.calls == 2 and rewards.unrated == 2 and len(api.requests) == 4  # two attempts each
+    (row,) = client(api.url, max_retries=0).rating_probs(["p"])
+    assert row["probs"] is None and "HTTP 500" in row["null_reason"]

@@ -1,6 +1,7 @@
 """train_ppo.py: rollout log-probs, score placement, EOS penalty, ratio-1 losses, masking, resume, torchrun."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -417,7 +418,7 @@ def test_reinforce_trains_a_value_model(setup, tmp_path):
 
 def test_bad_algo_settings_are_refused(setup, tmp_path):
     for extra, msg in ((["--algo", "dpo"], "--algo must be one of"), (["--reward", "x"], "--reward must be one of"),
-                       (["--reward", "direct", "--labeler", "openai"], "--labeler must be one of rule, hf")):
+                       (["--reward", "direct", "--labeler", "palm"], "--labeler must be one of rule, hf, vllm, openai")):
         with pytest.raises(SystemExit, match=msg):
             parse_config(train_ppo.Config, train_ppo.PRESETS, ppo_args(setup, tmp_path / "x", *extra))
     for extra, msg in ((["--algo", "rloo", "--samples-per-query", "1"], "must be >= 2"),
@@ -456,6 +457,37 @@ def test_d_rlaif_scores_are_the_labelers_ratings_and_no_rm_is_loaded(setup, tmp_
         assert row["rollout/left_out"] == 0
     assert metrics["labeler_calls"] == len(distinct) < metrics["episodes"]  # repeats were not asked again
     assert "rm" not in json.loads((out / "manifest.json").read_text())["inputs"]
+
+
+def test_d_rlaif_through_an_openai_compatible_api_leaves_failed_ratings_out(setup, tmp_path):
+    """--reward direct --labeler openai against the fake server of test_api_faults: every rating request carries
+    the paper's rating prompt, each distinct (post, response) is asked once, and the one request that fails for
+    good (401: not retryable) makes an unrated episode whose whole group (k = 4) leaves the update, counted."""
+    from test_api_faults import FakeAPI
+
+    api = FakeAPI()
+    api.positions = [(" 8", [(" 8", math.log(0.6)), (" 9", math.log(0.3)), ("10", math.log(0.1))]),
+                     (None, [("\n", 0.0)])]
+    api.plan = ["401"]
+    try:
+        metrics = train_ppo.main(parse_config(train_ppo.Config, train_ppo.PRESETS, ppo_args(
+            setup, tmp_path / "api", "--reward", "direct", "--algo", "rloo", "--rm-path", "/nonexistent",
+            "--labeler", "openai", "--api-base", api.url, "--api-model", "fake", "--max-retries", "0",
+            "--total-episodes", "16")))
+    finally:
+        api.close()
+    bodies = [r["body"] for r in api.requests]
+    assert all(b["messages"][0]["content"].startswith(judges.RATING_PREAMBLE) for b in bodies)
+    assert all(b["messages"][0]["content"].endswith("SCORE:") for b in bodies)
+    assert len(bodies) == len({b["messages"][0]["content"] for b in bodies})  # nothing asked twice
+    # the samples table's reference ratings (logging only) are the requests labeler_calls does not count
+    samples = [json.loads(x) for x in (tmp_path / "api" / "samples.jsonl").read_text().splitlines()]
+    assert metrics["labeler_calls"] == len(bodies) - len({r["id"] for r in samples}) > 0
+    assert metrics["left_out_episodes"] == 4
+    (row,) = metric_rows(tmp_path / "api")
+    assert row["rollout/left_out"] == 4
+    # every rated response has the same known distribution; the mean is over the kept episodes only
+    assert row["objective/rm_score"] == pytest.approx((0.6 * 8 + 0.3 * 9 + 0.1 * 10 - 5.5) / 4.5, abs=1e-5)
 
 
 def test_unrated_episodes_leave_the_update_with_their_group():

@@ -161,6 +161,34 @@ def test_evaluate_vllm_backend_greedy_summaries_match_hf(setup, tmp_path):
     assert eval_vllm["comparisons"] == eval_hf["comparisons"]
 
 
+def test_vllm_d_rlaif_ratings_match_hf(setup):
+    """The d-RLAIF scorer on vLLM: P(rating 1..10) of the paper's rating prompt equals HFLabeler's (1e-4, and 1e-3
+    relative), "10"
+    read as a whole number (the continuation's tokens, then P(no further digit) from every next token: top-k =
+    the vocabulary), and so do the d-RLAIF rewards, through the same `direct_scores` PPO calls."""
+    from minirlaif import judges
+    from minirlaif.models import load_causal_lm
+
+    path = str(setup["root"] / "gpt2")  # the Llama's sharpened head puts almost nothing on 10
+    tok = setup["tok"]
+    items = [{"id": p.id, "subreddit": p.subreddit, "title": p.title, "post": p.post, "facts": p.facts,
+              "summary": p.summary} for p in setup["posts"][:4]]
+    prompts = [judges.build_rating_prompt(judges.judge_text(it), it["summary"]) for it in items]
+    hf = judges.HFLabeler(load_causal_lm(path).eval(), tok, batch_size=10)
+    vl = judges.VLLMLabeler(path, top_logprobs=len(tok))
+    want, got = hf.rating_probs(prompts), vl.rating_probs(prompts)
+    for w, g in zip(want, got):
+        assert w["null_reason"] is None and g["null_reason"] is None
+        # every rating to 1e-4, and relatively to 1e-3 (a random model's P(10) is small)
+        assert g["probs"] == pytest.approx(w["probs"], abs=1e-4)
+        assert g["probs"] == pytest.approx(w["probs"], rel=1e-3, abs=1e-9)
+        assert g["mass"] == pytest.approx(w["mass"], rel=1e-3)
+    assert max(w["probs"][9] for w in want) > 1e-4, "P(10) large enough to be compared"
+    _, conts, _, rating = judges.rating_sequences(tok, prompts[:1], judges.RATINGS)
+    assert len(conts[rating.index(10)]) > 1, 'this tokenizer spells " 10" in several tokens (" ", "1", "0")'
+    assert judges.direct_scores(vl, items) == pytest.approx(judges.direct_scores(hf, items), abs=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # train_ppo.py --rollout-backend vllm
 
