@@ -707,8 +707,9 @@ def aggregate_seeds(eval_dirs: list[str], out_dir: Path) -> dict:
         rows = [c for c in found if c is not None]
         table[f"{policy}_vs_{baseline}"] = {
             "policy": policy, "baseline": baseline, "seeds": [d for d, c in zip(eval_dirs, found) if c is not None],
-            "win_rate": stats.seed_summary([c["win_rate"] for c in rows]),
-            "lc_win_rate": stats.seed_summary([c["lc_win_rate"] for c in rows if c["lc_win_rate"] is not None])}
+            "win_rate": stats.seed_summary([c["win_rate"] for c in rows], bounds=(0.0, 1.0)),
+            "lc_win_rate": stats.seed_summary([c["lc_win_rate"] for c in rows if c["lc_win_rate"] is not None],
+                                              bounds=(0.0, 1.0))}
     kl = {}
     for r in results:
         for name, a in (r.get("algorithms") or {}).items():
@@ -721,7 +722,8 @@ def aggregate_seeds(eval_dirs: list[str], out_dir: Path) -> dict:
         return f"{_pct(s['mean'])} [{_pct(s['ci95'][0])}, {_pct(s['ci95'][1])}]" if s["ci95"] else _pct(s["mean"])
 
     lines = [f"# Evaluation over {len(eval_dirs)} seeds", "", "Per comparison: each seed's win rate, their mean and "
-             "a 95% t-interval over seeds (mean ± t_{0.975, n-1} · s / √n), which holds the run-to-run spread.", "",
+             "a 95% t-interval over seeds (mean ± t_{0.975, n-1} · s / √n, clipped to [0%, 100%]), which holds the "
+             "run-to-run spread.", "",
              "| policy vs baseline | per-seed win rates | mean [95% CI over seeds] | LC mean [95% CI] |",
              "|---|---|---|---|"]
     for t in table.values():

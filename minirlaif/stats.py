@@ -198,12 +198,13 @@ def student_t_quantile(q: float, df: int) -> float:
     return (lo + hi) / 2
 
 
-def seed_summary(per_seed: list[float], level: float = 0.95) -> dict:
+def seed_summary(per_seed: list[float], level: float = 0.95, bounds: tuple | None = None) -> dict:
     """Several seeds' win rates of one comparison -> their mean and a t-interval over seeds.
 
     mean +- t_{(1+level)/2, n-1} * s / sqrt(n), with s the seeds' sample standard deviation: the interval is about
     the spread between whole pipeline runs (SFT, labels, RM and RL all reseeded), which the bootstrap over posts of
-    one run does not see. None for fewer than two seeds.
+    one run does not see. None for fewer than two seeds. `bounds` (lo, hi) clips the interval to a quantity's
+    range (a win rate's [0, 1]: with 2-3 seeds the t quantile is 4.3-12.7, and the raw interval can pass 100%).
     """
     n = len(per_seed)
     mean = sum(per_seed) / n if n else None
@@ -211,4 +212,7 @@ def seed_summary(per_seed: list[float], level: float = 0.95) -> dict:
         return {"per_seed": list(per_seed), "n_seeds": n, "mean": mean, "ci95": None, "std": None}
     std = math.sqrt(sum((x - mean) ** 2 for x in per_seed) / (n - 1))
     half = student_t_quantile((1 + level) / 2, n - 1) * std / math.sqrt(n)
-    return {"per_seed": list(per_seed), "n_seeds": n, "mean": mean, "ci95": [mean - half, mean + half], "std": std}
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return {"per_seed": list(per_seed), "n_seeds": n, "mean": mean, "ci95": [lo, hi], "std": std}

@@ -418,7 +418,7 @@ def test_reinforce_trains_a_value_model(setup, tmp_path):
 
 def test_bad_algo_settings_are_refused(setup, tmp_path):
     for extra, msg in ((["--algo", "dpo"], "--algo must be one of"), (["--reward", "x"], "--reward must be one of"),
-                       (["--reward", "direct", "--labeler", "palm"], "--labeler must be one of rule, hf, vllm, openai")):
+                       (["--reward", "direct", "--labeler", "palm"], "--labeler must be one of rule, hf, vllm")):
         with pytest.raises(SystemExit, match=msg):
             parse_config(train_ppo.Config, train_ppo.PRESETS, ppo_args(setup, tmp_path / "x", *extra))
     for extra, msg in ((["--algo", "rloo", "--samples-per-query", "1"], "must be >= 2"),

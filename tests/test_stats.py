@@ -180,3 +180,10 @@ def test_seed_summary_by_hand():
     assert got["per_seed"] == [0.80, 0.70, 0.75] and got["n_seeds"] == 3
     one = stats.seed_summary([0.6])
     assert one["mean"] == 0.6 and one["ci95"] is None
+
+
+def test_seed_summary_clips_to_bounds():
+    raw = stats.seed_summary([0.90, 1.00])  # 0.95 +- 12.706 * 0.0707 / sqrt(2) = 0.95 +- 0.635
+    assert raw["ci95"] == pytest.approx([0.95 - 0.6353, 0.95 + 0.6353], abs=1e-3)
+    clipped = stats.seed_summary([0.90, 1.00], bounds=(0.0, 1.0))
+    assert clipped["ci95"] == pytest.approx([0.95 - 0.6353, 1.0], abs=1e-3) and clipped["mean"] == raw["mean"]
