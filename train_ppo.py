@@ -209,7 +209,6 @@ class Config:
     """also log to tensorboard (optional)"""
 
 
-
 ALGOS = ("ppo", "reinforce", "rloo", "grpo")
 VALUE_FREE = ("rloo", "grpo")  # estimators without a learned baseline: no value model is loaded, trained or saved
 
