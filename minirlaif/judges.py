@@ -527,6 +527,7 @@ class VLLMLabeler:
                                max_logprobs=max(20, top_logprobs))
         self.tokenizer, self.top_logprobs, self.usage = self.llm.get_tokenizer(), top_logprobs, {}
         self.spec, self.seed = spec or PromptSpec(), seed  # seed: also the rationale samples' (lm_judge)
+        self._digits: dict[int, bool] = {}  # token id -> starts with a digit (rating_probs), filled as seen
 
     def judge(self, queries):
         return lm_judge(self, queries)
@@ -562,17 +563,14 @@ class VLLMLabeler:
         fits = [i for i, x in enumerate(seqs) if len(x) < max_len]  # room for the one token after the rating
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, logprobs=self.top_logprobs)
         results = self.llm.generate([{"prompt_token_ids": seqs[i]} for i in fits], params, use_tqdm=False)
-        if not hasattr(self, "_digits"):
-            self._digits = {}
         raw: list[dict] = [{} for _ in prompts]
         for i, res in zip(fits, results):
             x, c = seqs[i], conts[i]
             # prompt_logprobs[t] holds log p(x[t] | x[:t]) (position 0: None); the rating is x[-len(c):]
             lp = sum(res.prompt_logprobs[len(x) - len(c) + j][t].logprob for j, t in enumerate(c))
             top = res.outputs[0].logprobs[0]  # {token id: Logprob} after the whole rating
-            for t in top:
-                if t not in self._digits:
-                    self._digits[t] = digit_start(self.tokenizer, t)
+            for t in top.keys() - self._digits.keys():
+                self._digits[t] = digit_start(self.tokenizer, t)
             ends = 1.0 - sum(math.exp(v.logprob) for t, v in top.items() if self._digits[t])
             raw[owner[i]][rating[i]] = math.exp(lp) * max(ends, 0.0)
         out = []
