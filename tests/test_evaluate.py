@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from helpers import make_eos_likely
 import torch
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
@@ -30,11 +31,7 @@ def save_policy(path, tok, seed, eos_logit):
     early on some posts and not on others."""
     torch.manual_seed(seed)
     cfg = tiny_gpt2_config(tok, n_layer=1, n_head=2, n_embd=32, n_positions=256)
-    policy = GPT2LMHeadModel(cfg)
-    with torch.no_grad():  # the final LayerNorm's bias is in every hidden state; EOS's embedding points along it
-        b = torch.randn(32, generator=torch.Generator().manual_seed(seed)) * 0.5
-        policy.transformer.ln_f.bias.copy_(b)
-        policy.transformer.wte.weight[tok.eos_token_id] = eos_logit * b / b.dot(b)
+    policy = make_eos_likely(GPT2LMHeadModel(cfg), tok.eos_token_id, eos_logit, seed)
     policy.save_pretrained(path)
     tok.save_pretrained(path)
     return policy

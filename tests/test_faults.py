@@ -81,7 +81,7 @@ def assert_same_outputs(ref: Path, got: Path) -> None:
         elif pa.suffix == ".md":  # report.md: everything but its wall-time cells (train_ppo.py's training time)
             wall = re.compile(r"\| \d+ s \|")
             assert wall.sub("| - |", pa.read_text()) == wall.sub("| - |", pb.read_text()), f"{got / name} differs"
-        else:  # weights (safetensors), tokenizer files, report.md: byte for byte (weights compared by hash)
+        else:  # weights (safetensors), tokenizer files: byte for byte (weights compared by hash)
             ha, hb = (hashlib.sha256(p.read_bytes()).hexdigest() for p in (pa, pb))
             assert ha == hb, f"{got / name} differs from the uninterrupted run's"
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import make_eos_likely
 import torch
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
@@ -37,13 +38,7 @@ def setup(tmp_path_factory):
     tok = train_bpe_tokenizer([p.post + " " + p.summary for p in posts], vocab_size=400)
     torch.manual_seed(0)
     cfg = tiny_gpt2_config(tok, n_layer=2, n_head=2, n_embd=32, n_positions=256)
-    policy = GPT2LMHeadModel(cfg)
-    # make EOS likely enough (logit about +3) that some responses end and some do not: the final LayerNorm's bias
-    # b is in every hidden state, and EOS's (tied) embedding points along it
-    with torch.no_grad():
-        b = torch.randn(32, generator=torch.Generator().manual_seed(0)) * 0.5
-        policy.transformer.ln_f.bias.copy_(b)
-        policy.transformer.wte.weight[tok.eos_token_id] = 3.0 * b / b.dot(b)
+    policy = make_eos_likely(GPT2LMHeadModel(cfg), tok.eos_token_id)  # some responses end, some do not
     policy.save_pretrained(root / "sft")
     tok.save_pretrained(root / "sft")
     cfg.num_labels = 1
