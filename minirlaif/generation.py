@@ -265,18 +265,26 @@ class VLLMRollout:
         return out
 
     def close(self) -> None:
+        """Shut the engine down. Under torchrun its shutdown destroys torchrun's process group too (vLLM tears
+        down the group it joined): so every rank first waits for the others, and this comes last."""
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
         close_vllm(self.llm)
 
 
 def rollout_engine(backend: str, model_path: str, seed: int = 0, gpu_memory_utilization: float = 0.3):
-    """train_ppo.py's --rollout-backend: hf (the shared sampler) or vllm (an engine loaded from `model_path`)."""
+    """train_ppo.py's --rollout-backend: hf (the shared sampler) or vllm (an engine loaded from `model_path`).
+
+    Under torchrun each rank makes its own engine for its own share of the batch: vLLM's torchrun mode
+    (distributed_executor_backend="external_launcher") with data_parallel_size = the world size, so the engine
+    joins torchrun's process group instead of making one of its own, and the ranks form vLLM's data-parallel
+    group (each samples its own requests; they step together, a rank with nothing left running dummy steps)."""
     if backend == "hf":
         return HFRollout()
     if backend == "vllm":
+        kwargs = {}
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            # vLLM's in-process engine sets up (and at shutdown destroys) a process group of its own; next to
-            # torchrun's it needs distributed_executor_backend="external_launcher", which is not wired up or tested
-            raise SystemExit("--rollout-backend vllm runs in one process only for now; under torchrun use "
-                             "--rollout-backend hf")
-        return VLLMRollout(model_path, seed, gpu_memory_utilization)
+            kwargs = {"distributed_executor_backend": "external_launcher",
+                      "data_parallel_size": torch.distributed.get_world_size()}
+        return VLLMRollout(model_path, seed, gpu_memory_utilization, **kwargs)
     raise ValueError(f"unknown rollout backend {backend!r}; hf or vllm")

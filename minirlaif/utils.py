@@ -228,7 +228,9 @@ def setup_dist(device: str = "auto") -> Dist:
 
 
 def cleanup_dist(dist: Dist) -> None:
-    if dist.ddp:
+    """Wait for every rank, then leave the process group (unless something left it already: a vLLM rollout
+    engine's shutdown under torchrun destroys the group it joined)."""
+    if dist.ddp and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 

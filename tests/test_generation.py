@@ -82,15 +82,23 @@ def test_vllm_generate_seeds_each_query_like_generate_texts(monkeypatch):
     assert [p.seed for p in FakeLLM.params] == [11, 42]
 
 
-def test_rollout_engine_choices_and_torchrun_refusal(monkeypatch):
+def test_rollout_engine_choices_and_torchrun_mode(monkeypatch):
+    """One process: a plain engine; under torchrun: vLLM's torchrun mode, one data-parallel rank per process
+    (executed in tests/test_vllm.py::test_ppo_vllm_rollouts_under_torchrun_match_one_process)."""
     import torch
 
+    from minirlaif import generation
     from minirlaif.generation import HFRollout, rollout_engine
 
+    made = []
+    monkeypatch.setattr(generation, "VLLMRollout", lambda *a, **kw: made.append((a, kw)))
     assert isinstance(rollout_engine("hf", "m"), HFRollout)
     with pytest.raises(ValueError, match="hf or vllm"):
         rollout_engine("sglang", "m")
+    rollout_engine("vllm", "m", 5, 0.4)
+    assert made[-1] == (("m", 5, 0.4), {})
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
-    with pytest.raises(SystemExit, match="one process only"):
-        rollout_engine("vllm", "m")  # refused before vLLM is imported
+    rollout_engine("vllm", "m", 6)
+    assert made[-1] == (("m", 6, 0.3), {"distributed_executor_backend": "external_launcher",
+                                         "data_parallel_size": 2})

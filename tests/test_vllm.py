@@ -261,7 +261,16 @@ def rm(setup):
     return d / "rm"
 
 
-def test_ppo_vllm_rollouts_ratio_one_and_resume(setup, rm, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def ppo_full(setup, rm, tmp_path_factory):
+    """An uninterrupted one-process micro run with vLLM rollouts (3 updates), the reference of the tests below."""
+    full = tmp_path_factory.mktemp("ppo_vllm") / "full"
+    ppo_run(setup, full)
+    gc.collect()
+    return full
+
+
+def test_ppo_vllm_rollouts_ratio_one_and_resume(setup, rm, ppo_full, tmp_path, monkeypatch):
     """train_ppo.py --rollout-backend vllm: the rollout's old log-probs are the policy's own forward pass (ratio
     exactly 1 before the first step), vLLM's log-probs of its samples are within 1e-4 of them at temperature 0.7
     (its processed log-probs), and a run killed after update 2 and resumed logs what the uninterrupted run logs."""
@@ -270,9 +279,7 @@ def test_ppo_vllm_rollouts_ratio_one_and_resume(setup, rm, tmp_path, monkeypatch
     from minirlaif.losses import logprobs_from_logits
     from minirlaif.models import load_causal_lm, load_scalar_model, response_logits
 
-    full = tmp_path / "full"
-    ppo_run(setup, full)
-    ref_rows = rows(full / "metrics.jsonl")
+    ref_rows = rows(ppo_full / "metrics.jsonl")
     assert len(ref_rows) == 3
     for r in ref_rows:
         assert all(v == v and abs(v) < 1e6 for v in r.values() if isinstance(v, float)), r  # finite
@@ -324,3 +331,29 @@ def test_ppo_vllm_rollouts_ratio_one_and_resume(setup, rm, tmp_path, monkeypatch
         for k, v in a.items():
             if not k.startswith("time/") and k != "eps" and not k.startswith("rollout/vllm_logprob"):
                 assert r[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+def test_ppo_vllm_rollouts_under_torchrun_match_one_process(setup, rm, ppo_full, tmp_path):
+    """Two torchrun ranks, each with its own engine (vLLM's torchrun mode, a data-parallel rank per process),
+    log what one process logs: every rank samples its own rows with their seeds, from the synced weights. The
+    engines' shutdown leaves no rank hanging (the run exits 0)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    d = setup["root"]
+    args = ["--preset", "micro", "--task-dir", "", "--dataset", str(d / "task" / "sft"), "--sft-path", str(d / "gpt2"),
+            "--rm-path", str(rm), "--out-dir", str(tmp_path / "two"), "--rollout-backend", "vllm"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "train_ppo.py", *args], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "world 2" in two.stdout
+    one_rows, two_rows = rows(ppo_full / "metrics.jsonl"), rows(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in two_rows] == [1, 2, 3]
+    for a, b in zip(one_rows, two_rows):
+        for k, v in a.items():
+            if not k.startswith(("time/", "eps", "rollout/vllm_logprob")):
+                assert b[k] == pytest.approx(v, rel=1e-3, abs=1e-6), (a["step"], k)
+        assert b["rollout/vllm_logprob_diff_max"] < 1e-4
+    assert (tmp_path / "two" / "model.safetensors").exists() and (tmp_path / "two" / "metrics.json").exists()
