@@ -1,7 +1,7 @@
 """Speed of TRL 0.13's PPOTrainer (the seed project's engine) on the tiny random models of make_models.py.
 
 Run with the TRL venv (bash bench/setup_trl_venv.sh; python bench/make_models.py):
-    bench/.venv-trl/bin/python bench/bench_trl.py [--warmup 3 --timed 5 --micro-batch 16 --threads 2]
+    bench/.venv-trl/bin/python bench/bench_trl.py [--warmup 3 --timed 5 --micro-batch 16 --threads 2] [--floor]
 
 TRL's train() is one monolithic loop, so the time split is measured from outside, without touching TRL:
   * the helpers ppo_trainer.py calls by module-level name (batch_generation, forward, get_reward) and the
@@ -9,7 +9,9 @@ TRL's train() is one monolithic loop, so the time split is measured from outside
   * a TrainerCallback stamps each update boundary (on_train_begin, on_step_end).
 An update runs from one boundary to the next. Its rollout part ends at the first training forward
 (forward() called with the policy+value wrapper); everything after that, up to on_step_end, is the PPO update.
-Writes bench/_out/trl.json and prints one summary line.
+Writes bench/_out/trl.json and prints one summary line. --floor then trains a fresh trainer for one more update with
+the matrix products of its update part recorded (bench/gemm_floor.py, eager attention), times each alone, and adds
+the floor and update_s / floor_s.
 """
 
 import argparse
@@ -36,12 +38,15 @@ class Recorder:
     def __init__(self):
         self.updates, self.phases, self.start, self.update_start = [], defaultdict(float), None, None
         self.cpu_start = None
+        self.matmuls = None  # --floor: a gemm_floor.MatmulRecorder, on during each update part
 
     def wrap(self, fn, phase_of):
         def timed(*args, **kwargs):
             phase = phase_of(*args)
             if phase == "train_forward" and self.update_start is None:
                 self.update_start = time.perf_counter()
+                if self.matmuls is not None:
+                    self.matmuls.on = True
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
@@ -53,6 +58,8 @@ class Recorder:
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def end_update(self):
+        if self.matmuls is not None:
+            self.matmuls.on = False
         now, cpu = time.perf_counter(), time.process_time()
         u = {"total_s": now - self.start, "rollout_s": self.update_start - self.start,
              "update_s": now - self.update_start, "process_cpu_s": cpu - self.cpu_start}
@@ -75,6 +82,8 @@ def main():
                     help="PPOConfig(bf16=True): accelerate's bf16 autocast (default fp32)")
     ap.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
                     help="attention of all four models (transformers' default for GPT-2 is sdpa)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also measure the update's matrix-product floor (one more, recorded update; gemm_floor.py)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -91,39 +100,14 @@ def main():
     warnings.filterwarnings("ignore", message="Using a non-tuple sequence")  # TRL's rewards[[rows, cols]] on torch 2.13
     m = lambda name: os.path.join(args.models, name)  # noqa: E731
     tok = AutoTokenizer.from_pretrained(m("tokenizer"))
-    attn = dict(attn_implementation=args.attn_implementation)
-    policy = AutoModelForCausalLM.from_pretrained(m("policy"), **attn)
-    ref_policy = AutoModelForCausalLM.from_pretrained(m("policy"), **attn)
-    value_model = AutoModelForSequenceClassification.from_pretrained(m("reward"), **attn)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(m("reward"), **attn)
-    with open(m("prompts.jsonl")) as f:
-        prompt_ids = [json.loads(line)["input_ids"] for line in f]
-    train_ds = datasets.Dataset.from_dict({"input_ids": prompt_ids})
-
-    n_updates = args.warmup + args.timed
-    settings = dict(
-        episodes_per_update=EPISODES_PER_UPDATE, num_mini_batches=1, num_ppo_epochs=4,
-        per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=EPISODES_PER_UPDATE // args.micro_batch,
-        local_rollout_forward_batch_size=args.rollout_batch, response_length=53, temperature=0.7,
-        stop_token="eos", missing_eos_penalty=1.0, kl_coef=0.05, gamma=1.0, lam=0.95, cliprange=0.2,
-        cliprange_value=0.2, vf_coef=0.1, whiten_rewards=False, learning_rate=1e-5,
-        total_episodes=EPISODES_PER_UPDATE * n_updates, num_sample_generations=0, seed=args.seed, bf16=args.bf16,
-    )
-    config = PPOConfig(
-        output_dir=os.path.join(HERE, "_out", "trl_run"), exp_name="bench_trl", report_to="none",
-        save_strategy="no", eval_strategy="no", disable_tqdm=True, logging_strategy="no",
-        **{k: v for k, v in settings.items() if k != "episodes_per_update"},
-    )
-    assert EPISODES_PER_UPDATE % args.micro_batch == 0
-
     rec = Recorder()
+    reward_models = []  # the current trainer's reward model (get_reward is also called with the value model)
     ppo_mod.batch_generation = rec.wrap(ppo_mod.batch_generation, lambda *a: "generate")
     ppo_mod.forward = rec.wrap(
         ppo_mod.forward,
         lambda model, *a: "train_forward" if isinstance(model, ppo_mod.PolicyAndValueWrapper) else "ref_forward")
     ppo_mod.get_reward = rec.wrap(
-        ppo_mod.get_reward, lambda model, *a: "reward_forward" if model is reward_model else "value_forward")
+        ppo_mod.get_reward, lambda model, *a: "reward_forward" if model is reward_models[-1] else "value_forward")
     ppo_mod.gc = types.SimpleNamespace(collect=rec.wrap(gc.collect, lambda *a: "gc_collect"))  # TRL calls it twice
 
     class Boundaries(TrainerCallback):
@@ -133,13 +117,42 @@ def main():
         def on_step_end(self, *a, **k):
             rec.end_update()
 
-    trainer = PPOTrainer(args=config, processing_class=tok, model=policy, ref_model=ref_policy,
-                         reward_model=reward_model, value_model=value_model, train_dataset=train_ds,
-                         eval_dataset=train_ds.select(range(EPISODES_PER_UPDATE)), callbacks=[Boundaries()])
-    acc = trainer.accelerator
-    acc.backward = rec.wrap(acc.backward, lambda *a: "backward")
-    trainer.optimizer.step = rec.wrap(trainer.optimizer.step, lambda *a: "optimizer_step")
+    def make_trainer(n_updates, attn_implementation, out_name):
+        """Four models with this attention and a PPOTrainer for n_updates updates of the benchmark's settings."""
+        attn = dict(attn_implementation=attn_implementation)
+        policy = AutoModelForCausalLM.from_pretrained(m("policy"), **attn)
+        ref_policy = AutoModelForCausalLM.from_pretrained(m("policy"), **attn)
+        value_model = AutoModelForSequenceClassification.from_pretrained(m("reward"), **attn)
+        reward_model = AutoModelForSequenceClassification.from_pretrained(m("reward"), **attn)
+        reward_models.append(reward_model)
+        with open(m("prompts.jsonl")) as f:
+            prompt_ids = [json.loads(line)["input_ids"] for line in f]
+        train_ds = datasets.Dataset.from_dict({"input_ids": prompt_ids})
+        settings = dict(
+            episodes_per_update=EPISODES_PER_UPDATE, num_mini_batches=1, num_ppo_epochs=4,
+            per_device_train_batch_size=args.micro_batch,
+            gradient_accumulation_steps=EPISODES_PER_UPDATE // args.micro_batch,
+            local_rollout_forward_batch_size=args.rollout_batch, response_length=53, temperature=0.7,
+            stop_token="eos", missing_eos_penalty=1.0, kl_coef=0.05, gamma=1.0, lam=0.95, cliprange=0.2,
+            cliprange_value=0.2, vf_coef=0.1, whiten_rewards=False, learning_rate=1e-5,
+            total_episodes=EPISODES_PER_UPDATE * n_updates, num_sample_generations=0, seed=args.seed, bf16=args.bf16,
+        )
+        config = PPOConfig(
+            output_dir=os.path.join(HERE, "_out", out_name), exp_name="bench_trl", report_to="none",
+            save_strategy="no", eval_strategy="no", disable_tqdm=True, logging_strategy="no",
+            **{k: v for k, v in settings.items() if k != "episodes_per_update"},
+        )
+        assert EPISODES_PER_UPDATE % args.micro_batch == 0
+        trainer = PPOTrainer(args=config, processing_class=tok, model=policy, ref_model=ref_policy,
+                             reward_model=reward_model, value_model=value_model, train_dataset=train_ds,
+                             eval_dataset=train_ds.select(range(EPISODES_PER_UPDATE)), callbacks=[Boundaries()])
+        acc = trainer.accelerator
+        acc.backward = rec.wrap(acc.backward, lambda *a: "backward")
+        trainer.optimizer.step = rec.wrap(trainer.optimizer.step, lambda *a: "optimizer_step")
+        return trainer, settings, attn
 
+    n_updates = args.warmup + args.timed
+    trainer, settings, attn = make_trainer(n_updates, args.attn_implementation, "trl_run")
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     trainer.train()
@@ -181,6 +194,20 @@ def main():
                     "loadavg_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)]},
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
+    if args.floor:
+        # a fresh trainer for one update, eager attention (SDPA's fused CPU kernel would hide the attention's
+        # products in one op); the recorder is on from the update part's first training forward to on_step_end
+        sys.path.insert(0, HERE)
+        from gemm_floor import MatmulRecorder
+
+        trainer, _, _ = make_trainer(1, "eager", "trl_floor_run")
+        rec.updates, rec.matmuls = [], MatmulRecorder()
+        with rec.matmuls:
+            trainer.train()
+        floor = rec.matmuls.floor(threads=args.threads)
+        floor["by_shape"] = floor["by_shape"][:12]  # the largest shares
+        result["floor"] = floor
+        result["update_over_floor"] = round(result["update_s"] / floor["floor_s"], 2)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
@@ -188,6 +215,10 @@ def main():
           f"{result['episodes_per_s']:.2f} episodes/s, {s_per_update:.2f} s/update "
           f"(rollout {result['rollout_s']:.2f} s + update {result['update_s']:.2f} s) over {len(timed)} timed "
           f"updates after {args.warmup} warm-up; {args.threads} threads -> {args.out}")
+    if args.floor:
+        f = result["floor"]
+        print(f"update's matrix products: {f['gflop']} GFLOP, floor {f['floor_s']:.3f} s at {f['gflop_per_s']} "
+              f"GFLOP/s ({f['threads']} threads); update / floor = {result['update_over_floor']}")
     if not result["quiet_run"]:
         print(f"WARNING: process CPU/wall {result['process_cpu_per_wall']} < 0.9 x threads: other processes "
               "competed for the cores; these numbers are not valid for comparison")
