@@ -131,7 +131,6 @@ def main():
             train_ppo.main(config(1, "ppo_floor"))
             rec.on = False
         floor = rec.floor(threads=args.threads)
-        floor["by_shape"] = floor["by_shape"][:12]  # the largest shares
         floor["mean_response_len"] = json.loads((work / "ppo_floor" / "metrics.jsonl").read_text())[
             "rollout/response_len"]
         result["floor"] = floor

@@ -205,7 +205,6 @@ def main():
         with rec.matmuls:
             trainer.train()
         floor = rec.matmuls.floor(threads=args.threads)
-        floor["by_shape"] = floor["by_shape"][:12]  # the largest shares
         result["floor"] = floor
         result["update_over_floor"] = round(result["update_s"] / floor["floor_s"], 2)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

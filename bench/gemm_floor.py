@@ -113,3 +113,35 @@ class MatmulRecorder(TorchDispatchMode):
                 "gflop_per_s": round(gflop / total_s, 1) if total_s else None, "distinct_products": len(rows),
                 "products": sum(self.counts.values()), "sdpa_calls_not_counted": self.sdpa_calls,
                 "threads": torch.get_num_threads(), "by_shape": rows}
+
+
+def recorder_from(result: dict) -> MatmulRecorder:
+    """The recorded products of a benchmark JSON's "floor" (its by_shape rows), to be timed again."""
+    rec = MatmulRecorder()
+    for r in result["floor"]["by_shape"]:
+        key = (r["op"], tuple(tuple(x) for x in r["shapes"]), tuple(r["layouts"]), getattr(torch, r["dtype"]))
+        rec.counts[key] += r["count"]
+    return rec
+
+
+if __name__ == "__main__":
+    # python bench/gemm_floor.py A.json B.json ...: time the recorded products of several benchmark runs again, in
+    # one process, alternating (--rounds times), so that their floors share the machine's state of the moment
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="re-time the matrix-product floors of benchmark JSONs in one process")
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    results = {f: json.load(open(f)) for f in args.files}
+    floors = {f: [] for f in args.files}
+    for _ in range(args.rounds):
+        for f, r in results.items():
+            floors[f].append(recorder_from(r).floor(threads=args.threads)["floor_s"])
+    for f, r in results.items():
+        best, each = min(floors[f]), ", ".join(f"{x:.3f}" for x in floors[f])
+        print(f"{f}: {r['floor']['gflop']} GFLOP, floor {best:.3f} s (rounds {each}) "
+              f"at {r['floor']['gflop'] / best:.1f} GFLOP/s; update {r['update_s']:.3f} s, update / floor "
+              f"{r['update_s'] / best:.2f}")
