@@ -422,6 +422,17 @@ def test_bad_algo_settings_are_refused(setup, tmp_path):
             train_ppo.main(parse_config(train_ppo.Config, train_ppo.PRESETS, ppo_args(setup, tmp_path / "x", *extra)))
 
 
+def test_d_rlaif_with_a_vllm_labeler_is_refused_under_torchrun(setup, tmp_path, monkeypatch):
+    """--reward direct --labeler vllm needs one engine called in step by every rank; under torchrun it stops with
+    the message before any model or engine is loaded (a 2-rank world, faked)."""
+    monkeypatch.setattr(train_ppo, "setup_dist", lambda: Dist(rank=0, world_size=2))
+    monkeypatch.setattr(train_ppo, "load_causal_lm", lambda *a, **k: pytest.fail("loaded a model"))
+    cfg = parse_config(train_ppo.Config, train_ppo.PRESETS,
+                       ppo_args(setup, tmp_path / "x", "--reward", "direct", "--labeler", "vllm", "--judge-model", "m"))
+    with pytest.raises(AssertionError, match="runs in one process"):
+        train_ppo.main(cfg)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # d-RLAIF: the labeler's rating is the reward
 
