@@ -6,6 +6,10 @@ tokens, like TL;DR queries cut at 512), and the tokenizer is a small BPE trained
 larger than the tokenizer's; that only matters for decoding, which the benchmark does not do).
 
   python bench/bench_gpu_ppo.py --updates 3 --out bench/_out/gpu.json
+  python bench/bench_gpu_ppo.py --updates 3 --extra "--rollout-backend vllm" --out bench/_out/gpu_vllm.json
+
+(The vllm line needs vLLM in the venv. It was smoke-tested on CPU with --small in the vLLM CPU venv on 2026-12-02;
+it has not run on a GPU.)
 """
 
 import argparse
@@ -68,7 +72,7 @@ def main():
     mean = lambda k: sum(r[k] for r in timed) / len(timed)  # noqa: E731
     result = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "shape": shape,
-        "torch": torch.__version__,
+        "extra": args.extra, "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "updates": len(rows), "timed_updates": len(timed),
         "episodes_per_update": ppo_cfg.batch_size, "response_length": ppo_cfg.response_length,
         "max_query_tokens": ppo_cfg.max_query_tokens, "micro_batch_size": ppo_cfg.micro_batch_size,
