@@ -76,8 +76,12 @@ def main():
             gen_time[0] += time.perf_counter() - t
 
     generation.generate = timed_generate
-    if args.attn != "auto":  # every model train_ppo loads gets this attention instead of set_attention's pick
-        train_ppo.set_attention = lambda model, device, bf16: model.set_attn_implementation(args.attn) or model
+
+    def force_attention(name: str):  # every model train_ppo loads gets this attention instead of set_attention's pick
+        train_ppo.set_attention = lambda model, device, bf16: model.set_attn_implementation(name) or model
+
+    if args.attn != "auto":
+        force_attention(args.attn)
 
     work = Path(tempfile.mkdtemp())
     sft, rm = assemble(models, work)
@@ -126,7 +130,7 @@ def main():
 
         train_ppo.rollout = rollout_then_record
         # eager attention in this run: SDPA's fused CPU kernel would hide the attention's products in one op
-        train_ppo.set_attention = lambda model, device, bf16: model.set_attn_implementation("eager") or model
+        force_attention("eager")
         with MatmulRecorder() as rec:
             train_ppo.main(config(1, "ppo_floor"))
             rec.on = False
