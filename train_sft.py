@@ -19,25 +19,21 @@ Commands:
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from minirlaif import synthetic
+from minirlaif.config import Between, NonNegative, Positive, PositiveOrAll, require
 from minirlaif.data import build_query, encode_completion, format_completion, load_posts
 from minirlaif.generation import generate_texts
 from minirlaif.models import (fuse_gelu, grow_embeddings, load_causal_lm, load_tokenizer, pad_batch, position_ids,
                               set_attention, tiny_gpt2_config, train_bpe_tokenizer)
-from minirlaif.utils import (MetricLogger, all_reduce, autocast, batch_indices, cleanup_dist, clear_checkpoint,
-                             config_dict, finished_metrics, linear_lr, load_checkpoint, parse_config,
-                             quiet_transformers, save_checkpoint, set_seed, setup_dist, stop_non_finite, write_json,
-                             write_manifest)
+from minirlaif.run import Run, cli
+from minirlaif.utils import autocast, batch_indices, linear_lr
 
 
 @dataclass
@@ -54,53 +50,53 @@ class Config:
     """tiny: where the synthetic task's files are written (if missing); empty for real data"""
     dataset: str = "runs/{preset}/data/sft"
     """SFT data: hub id or local file/dir in the tldr_3_filtered or trl-lib/tldr schema"""
-    max_train_posts: int = -1
+    max_train_posts: PositiveOrAll[int] = -1
     """use at most this many training posts (-1: all)"""
     model: str = ""
     """hub id or path of the model to fine-tune; empty: build a tiny GPT-2 from the config below"""
-    n_layer: int = 4
+    n_layer: Positive[int] = 4
     """tiny model: transformer blocks"""
-    n_head: int = 4
+    n_head: Positive[int] = 4
     """tiny model: attention heads"""
-    n_embd: int = 128
+    n_embd: Positive[int] = 128
     """tiny model: width"""
-    n_positions: int = 256
+    n_positions: Positive[int] = 256
     """tiny model: context length"""
-    vocab_size: int = 1024
+    vocab_size: Positive[int] = 1024
     """tiny model: BPE vocabulary size (trained on the task's train split)"""
-    max_query_tokens: int = 200
+    max_query_tokens: Positive[int] = 200
     """queries longer than this are cut at the post's last newline (counted)"""
-    max_completion_tokens: int = 48
+    max_completion_tokens: Positive[int] = 48
     """completions longer than this are cut (counted); the EOS is kept"""
-    batch_size: int = 32
+    batch_size: Positive[int] = 32
     """sequences per optimizer step, over all ranks and micro-batches"""
-    micro_batch_size: int = 32
+    micro_batch_size: Positive[int] = 32
     """sequences per forward pass on one rank"""
-    max_steps: int = 500
+    max_steps: PositiveOrAll[int] = 500
     """optimizer steps; -1: `epochs` epochs"""
-    epochs: int = 1
+    epochs: Positive[int] = 1
     """epochs when max_steps is -1"""
-    lr: float = 3e-3
+    lr: Positive[float] = 3e-3
     """peak learning rate"""
-    warmup_steps: int = 20
+    warmup_steps: NonNegative[int] = 20
     """linear warmup from 0"""
-    min_lr_ratio: float = 0.05
+    min_lr_ratio: Between(0, 1) = 0.05
     """linear decay ends at lr * min_lr_ratio"""
-    weight_decay: float = 0.01
+    weight_decay: NonNegative[float] = 0.01
     """AdamW weight decay"""
-    grad_clip: float = 1.0
+    grad_clip: Positive[float] = 1.0
     """max gradient norm"""
     bf16: bool = False
     """bf16 autocast, on GPU or CPU (the CPU presets run fp32; CPU bf16 pays only with AVX512-BF16/AMX)"""
-    eval_every: int = 100
+    eval_every: Positive[int] = 100
     """steps between validation losses"""
-    n_val: int = 256
+    n_val: PositiveOrAll[int] = 256
     """validation examples for the validation loss (-1: the whole validation split)"""
-    n_judge: int = 200
+    n_judge: NonNegative[int] = 200
     """tiny: validation posts whose greedy summaries the rule judge scores at the end"""
-    checkpoint_every: int = 100
+    checkpoint_every: Positive[int] = 100
     """steps between resumable checkpoints"""
-    log_every: int = 10
+    log_every: Positive[int] = 10
     """steps between metric lines"""
     wandb_project: str = ""
     """log to this wandb project (optional)"""
@@ -158,16 +154,17 @@ def completion_loss_sum(model, ids, mask, loss_mask) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_loss(model, examples, cfg: Config, pad_id: int, device, dist) -> float:
+def validation_loss(model, examples, cfg: Config, pad_id: int, run) -> float:
+    """The completion-token mean of the loss over the validation examples (each rank scores its share)."""
     model.eval()
-    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    for i in range(dist.rank * cfg.micro_batch_size, len(examples), dist.world_size * cfg.micro_batch_size):
-        ids, mask, loss_mask = (t.to(device) for t in collate(examples[i: i + cfg.micro_batch_size], pad_id))
-        with autocast(device, cfg.bf16):
+    total, count = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
+    for i in range(run.rank * cfg.micro_batch_size, len(examples), run.world_size * cfg.micro_batch_size):
+        ids, mask, loss_mask = (t.to(run.device) for t in collate(examples[i: i + cfg.micro_batch_size], pad_id))
+        with autocast(run.device, cfg.bf16):
             total += completion_loss_sum(model, ids, mask, loss_mask)
         count += loss_mask[:, 1:].sum()
     model.train()
-    return (all_reduce(total, dist) / all_reduce(count, dist)).item()
+    return (run.all_reduce(total) / run.all_reduce(count)).item()
 
 
 def judge_scores(model, tokenizer, posts, cfg: Config, device) -> dict:
@@ -189,25 +186,15 @@ def judge_scores(model, tokenizer, posts, cfg: Config, device) -> dict:
 
 
 def main(cfg: Config) -> dict:
-    out_dir = Path(cfg.out_dir)
-    if (done := finished_metrics(out_dir, cfg)) is not None:
-        print(f"{out_dir} already holds a finished run of this config; skipping (delete it to rerun)")
-        return done
-    quiet_transformers()
-    dist = setup_dist()
-    device, master = dist.device, dist.master_process
-    set_seed(cfg.seed + dist.rank)
-    if device.type == "cpu" and dist.ddp:  # share the cores between the ranks
-        torch.set_num_threads(max(1, torch.get_num_threads() // dist.world_size))
-    assert cfg.batch_size % (dist.world_size * cfg.micro_batch_size) == 0, \
-        "batch_size must be a multiple of world_size * micro_batch_size"
-    grad_accum = cfg.batch_size // (dist.world_size * cfg.micro_batch_size)
-
-    # data (the tiny preset writes its synthetic task first; deterministic and skipped when present)
-    if cfg.task_dir and master:
+    if cfg.task_dir:  # the tiny presets' synthetic task (deterministic; skipped when present)
         synthetic.write_task(cfg.task_dir)
-    if dist.ddp:
-        torch.distributed.barrier()
+    run = Run(cfg, "sft", inputs={"dataset": cfg.dataset, "model": cfg.model or "(tiny, from scratch)"})
+    if run.finished:
+        return run.finished
+    require(cfg.batch_size % (run.world_size * cfg.micro_batch_size) == 0, f"--batch-size {cfg.batch_size} must be "
+            f"a multiple of --micro-batch-size {cfg.micro_batch_size} times the {run.world_size} rank(s)")
+
+    # data
     train_posts, train_stats = load_posts(cfg.dataset, "train")
     train_posts = train_posts[: cfg.max_train_posts] if cfg.max_train_posts > 0 else train_posts
     val_posts, val_stats = load_posts(cfg.dataset, "validation")
@@ -225,90 +212,65 @@ def main(cfg: Config) -> dict:
         # built from a config, not loaded, so it gets load_causal_lm's one-kernel GELU here
         model = fuse_gelu(GPT2LMHeadModel(tiny_gpt2_config(tokenizer, cfg.n_layer, cfg.n_head, cfg.n_embd,
                                                            cfg.n_positions)))
-    set_attention(model, device, cfg.bf16).to(device).train()
+    set_attention(model, run.device, cfg.bf16).to(run.device).train()
     train, train_cuts = tokenize(train_posts, tokenizer, cfg)
     val, _ = tokenize(val_posts[: cfg.n_val] if cfg.n_val > 0 else val_posts, tokenizer, cfg)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * (len(train) // cfg.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.95), fused=device.type == "cuda")
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if dist.ddp else model
-
-    # resume: model, optimizer, step (which fixes the data position), RNG
-    step, ckpt_dir = 0, out_dir / "checkpoint"
-    if cfg.resume and (state := load_checkpoint(ckpt_dir, cfg, dist, map_location=device)) is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        if master:
-            print(f"resumed from {ckpt_dir} at step {step}")
-    logger = MetricLogger(out_dir, enabled=master, wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard,
-                          config=config_dict(cfg), name="sft")
-    logger.truncate_after(step)
-    if master:
+                                  betas=(0.9, 0.95), fused=run.device.type == "cuda")
+    start = run.resume(model=model, optimizer=optimizer)  # the step fixes the data position and the learning rate
+    if run.master:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"sft: {len(train)} train / {len(val)} val examples, {n_params / 1e6:.2f}M params, {total_steps} steps, "
-              f"grad_accum {grad_accum}, world {dist.world_size}, device {device}")
+              f"world {run.world_size}, device {run.device}")
 
     # the loop: one global batch per step
-    t0, start_step, last_loss = time.time(), step, float("nan")
-    bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc="sft", disable=not master)
-    for step in bar:
+    t0, last_loss = time.time(), float("nan")
+    for step in run.steps(start, total_steps):
         for group in optimizer.param_groups:
             group["lr"] = linear_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         batch = [train[i] for i in batch_indices(step, len(train), cfg.batch_size, cfg.seed)]
-        mine = batch[dist.rank::dist.world_size]  # this rank's share of the global batch
+        mine = batch[run.rank::run.world_size]  # this rank's share of the global batch
         micro = [collate(mine[i: i + cfg.micro_batch_size], tokenizer.pad_token_id)
                  for i in range(0, len(mine), cfg.micro_batch_size)]
-        # normalise by the completion tokens of the whole global batch (all micro-batches, all ranks)
-        n_tokens = all_reduce(sum(lm[:, 1:].sum() for _, _, lm in micro).to(device).float(), dist)
-        loss_sum = torch.zeros((), device=device)
-        for k, (ids, mask, loss_mask) in enumerate(micro):
-            ids, mask, loss_mask = ids.to(device), mask.to(device), loss_mask.to(device)
-            sync = k == len(micro) - 1  # DDP all-reduces gradients only on the last micro-batch
-            ctx = ddp_model.no_sync() if dist.ddp and not sync else torch.enable_grad()
-            with ctx, autocast(device, cfg.bf16):
-                loss = completion_loss_sum(ddp_model, ids, mask, loss_mask) / n_tokens
-                (loss * dist.world_size).backward()  # DDP averages over ranks; undo it to get the global sum
+        # every micro-batch's loss is divided by the completion tokens of the whole global batch (all micro-batches,
+        # all ranks), so the summed gradients are the gradient of one token mean over the global batch
+        n_tokens = run.all_reduce(sum(lm[:, 1:].sum() for _, _, lm in micro).to(run.device).float())
+        loss_sum = torch.zeros((), device=run.device)
+        for ids, mask, loss_mask in micro:
+            with autocast(run.device, cfg.bf16):
+                loss = completion_loss_sum(model, ids.to(run.device), mask.to(run.device),
+                                           loss_mask.to(run.device)) / n_tokens
+            loss.backward()
             loss_sum += loss.detach()
+        run.sync_grads(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        last_loss = all_reduce(loss_sum, dist).item()
-        if not (math.isfinite(last_loss) and math.isfinite(grad_norm.item())):  # before the step can spread it
-            stop_non_finite(f"loss ({last_loss:.4g}) or gradient norm ({grad_norm.item():.4g})", step + 1, ckpt_dir)
+        last_loss = run.all_reduce(loss_sum).item()
+        run.check_finite(step + 1, loss=last_loss, gradient_norm=grad_norm)  # before the step can spread it
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
         metrics = {"sft/loss": last_loss, "sft/lr": optimizer.param_groups[0]["lr"], "sft/grad_norm": grad_norm.item()}
         if done % cfg.eval_every == 0 or done == total_steps:
-            metrics["sft/val_loss"] = validation_loss(model, val, cfg, tokenizer.pad_token_id, device, dist)
+            metrics["sft/val_loss"] = validation_loss(model, val, cfg, tokenizer.pad_token_id, run)
         if done % cfg.log_every == 0 or "sft/val_loss" in metrics:
-            metrics["sft/seq_per_s"] = (done - start_step) * cfg.batch_size / (time.time() - t0)
-            logger.log(done, metrics, echo=tqdm.write)
-        if done % cfg.checkpoint_every == 0 and done < total_steps:
-            save_checkpoint(ckpt_dir, done, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                             "config": config_dict(cfg)}, dist)
-    bar.close()
+            metrics["sft/seq_per_s"] = (done - start) * cfg.batch_size / (time.time() - t0)
+            run.log(done, metrics)
+        run.checkpoint(done)
 
     # final numbers and save
-    metrics = {"val_loss": validation_loss(model, val, cfg, tokenizer.pad_token_id, device, dist),
+    metrics = {"val_loss": validation_loss(model, val, cfg, tokenizer.pad_token_id, run),
                "train_loss": last_loss, "steps": total_steps, "train_time_s": time.time() - t0,
                "n_train": len(train), "n_val": len(val), **train_cuts,
                "n_skipped_empty": train_stats.n_skipped_empty + val_stats.n_skipped_empty}
-    if master:
+    if run.master and cfg.n_judge and val_posts[0].facts is not None:
         model.eval()
-        if cfg.n_judge and val_posts[0].facts is not None:
-            metrics.update(judge_scores(model, tokenizer, val_posts[: cfg.n_judge], cfg, device))
-            for s in metrics["samples"][:3]:
-                print(f"  reference: {s['reference']}\n  sft:       {s['sft']}")
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-        write_json(out_dir / "metrics.json", metrics)
-        write_manifest(out_dir, cfg, {"dataset": cfg.dataset, "model": cfg.model or "(tiny, from scratch)"})
-        clear_checkpoint(ckpt_dir)  # the saved model supersedes it
-        print({k: v for k, v in metrics.items() if k != "samples"})
-    cleanup_dist(dist)
-    return metrics
+        metrics.update(judge_scores(model, tokenizer, val_posts[: cfg.n_judge], cfg, run.device))
+        for s in metrics["samples"][:3]:
+            print(f"  reference: {s['reference']}\n  sft:       {s['sft']}")
+    return run.save(metrics, model, tokenizer, headline=("val_loss", "judge_score_sft_greedy"))
 
 
 if __name__ == "__main__":
-    main(parse_config(Config, PRESETS))
+    cli(main, Config, PRESETS)

@@ -26,7 +26,7 @@ import train_ppo  # noqa: E402
 from minirlaif import synthetic  # noqa: E402
 from minirlaif.data import load_posts  # noqa: E402
 from minirlaif.models import train_bpe_tokenizer  # noqa: E402
-from minirlaif.utils import parse_config  # noqa: E402
+from minirlaif.config import parse_config  # noqa: E402
 
 
 def main():

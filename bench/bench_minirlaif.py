@@ -29,7 +29,8 @@ sys.path.insert(0, str(HERE.parent))
 import train_ppo  # noqa: E402
 from minirlaif import generation  # noqa: E402
 from minirlaif.data import LoadStats, Post  # noqa: E402
-from minirlaif.utils import package_versions, parse_config  # noqa: E402
+from minirlaif.config import parse_config  # noqa: E402
+from minirlaif.run import package_versions  # noqa: E402
 from gemm_floor import MatmulRecorder  # noqa: E402  (bench/ is on sys.path when this file runs)
 
 

@@ -1,5 +1,5 @@
 """The algorithm core of minirlaif: masked statistics, log-probs, KL estimators, advantage estimators (GAE,
-REINFORCE with a baseline, RLOO, GRPO), PPO and reward-model losses.
+REINFORCE with a baseline, RLOO, GRPO, REINFORCE++, Dr. GRPO), PPO and reward-model losses.
 
 Everything here is a pure function on tensors (plus two tiny KL-coefficient controllers); no model code.
 
@@ -18,6 +18,8 @@ Sources followed (see docs/loss_math.md for the formulas and where the sources d
     baseline on a sequence-level reward.
   * Kool et al. 2019 / Ahmadian et al. 2024 ("Back to Basics"): RLOO; Shao et al. 2024 (DeepSeekMath): GRPO's
     group-normalised advantages.
+  * Hu 2025 ("REINFORCE++"; OpenRLHF's `reinforce` estimator): the reward-to-go with the KL as a per-token reward;
+    Liu et al. 2025 ("Understanding R1-Zero-Like Training"): Dr. GRPO.
   * Schulman, "Approximating KL divergence" (2020): the k1 / k2 / k3 estimators.
 """
 
@@ -321,6 +323,42 @@ def grpo_advantages(rewards, mask, k, eps=1e-4):
     R = _groups(sequence_returns(rewards, mask), k)  # (G, k)
     A = (R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + eps)  # (G, k)
     return _broadcast(A.flatten(), mask)
+
+
+def reward_to_go(rewards, mask, gamma=1.0):
+    """REINFORCE++'s advantage (Hu 2025; OpenRLHF's `--advantage_estimator reinforce`): no value model, no group.
+
+      A_t = sum_{s >= t} gamma^(s - t) r_s        over the valid tokens of the response
+    i.e. the return from token t on, with the per-token KL penalty inside r (so a token is charged for the KL of
+    the tokens after it, not only for its own) and the score on the last token. The variance is tamed by the
+    trainer's global whitening of the advantages over every valid token of the batch (biased, as OpenRLHF's;
+    verl's divides by n - 1), not by a baseline. This is GAE with V = 0 and lam = 1.
+    rewards, mask: (B, T). Returns (B, T), 0 at padding, at least fp32. Call under no_grad.
+    """
+    mask = mask.bool()
+    dtype = _compute_dtype(rewards.dtype)
+    zero = torch.zeros((), dtype=dtype, device=rewards.device)
+    rewards = torch.where(mask, rewards.to(dtype), zero)  # (B, T)
+    out = torch.zeros_like(rewards)  # (B, T)
+    running = torch.zeros(rewards.shape[0], dtype=dtype, device=rewards.device)  # (B,) the return from t + 1 on
+    for t in reversed(range(rewards.shape[1])):
+        running = torch.where(mask[:, t], rewards[:, t] + gamma * running, zero)  # padding cuts the sum
+        out[:, t] = running
+    return out
+
+
+def dr_grpo_advantages(rewards, mask, k):
+    """Dr. GRPO's advantage (Liu et al. 2025, "Understanding R1-Zero-Like Training"): the group mean baseline.
+
+      A_i = R_i - mean_group(R)
+    GRPO without the division by the group's std, which up-weights queries whose samples score alike (too easy or
+    too hard). The paper's other fix is in the loss: each response's token sum is divided by a constant (the
+    length budget), not by its own length (the trainer's `token_mean=False`). The trainer does not whiten these
+    advantages either (whitening would divide by a std again). A_i is put on every valid token of row i.
+    rewards, mask: (B, T) with B a multiple of k >= 2. Returns advantages (B, T), 0 at padding. Call under no_grad.
+    """
+    R = _groups(sequence_returns(rewards, mask), k)  # (G, k)
+    return _broadcast((R - R.mean(1, keepdim=True)).flatten(), mask)
 
 
 # ----------------------------------------------------------------------------------------------------------

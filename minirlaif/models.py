@@ -22,6 +22,8 @@ outside loader must subtract too: reward = score output - config.reward_offset_u
 from __future__ import annotations
 
 import inspect
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -160,6 +162,40 @@ def load_scalar_model(path: str, dtype: torch.dtype | None = None, pad_token_id:
 def head(model: nn.Module) -> nn.Module:
     """The scalar head `score` of a reward / value model (a causal LM's logits come from `causal_lm_logits`)."""
     return model.score
+
+
+# what each kind of model looks like in its config.json, and which stage makes it
+MODEL_KINDS = {
+    "causal-lm": (("ForCausalLM", "LMHeadModel"), "a causal LM", "train_sft.py"),
+    "reward-model": (("ForSequenceClassification",), "a reward model (one score)", "train_rm.py"),
+}
+
+
+def check_model(path: str, kind: str, flag: str) -> None:
+    """Stop with one line naming the flag, the path and the stage that makes such a model, when `path` holds no
+    model or the wrong kind ("causal-lm" or "reward-model"): a mistyped path would otherwise end in transformers'
+    "Repo id must be in the form ...", and a causal LM given as a reward model would be scored by a new random head.
+    A path that does not exist here and looks like a hub id ("org/name", "gpt2") is left to transformers."""
+    from minirlaif.config import UserError
+
+    want, what, made_by = MODEL_KINDS[kind]
+    p = Path(path)
+    hint = f"{made_by} writes {what} (python {made_by} --preset ...)"
+    if not p.exists():
+        if len(p.parts) <= 2 and not path.startswith((".", "/", "~", "runs")):
+            return  # a hub id: transformers loads (or fails to reach) it
+        raise UserError(f"{flag} {path}: no such directory; {hint}")
+    if not (p / "config.json").is_file():
+        raise UserError(f"{flag} {path}: no model there (no config.json); {hint}")
+    config = json.loads((p / "config.json").read_text())
+    arch = config.get("architectures") or []
+    n_labels = len(config.get("id2label") or {0: 0, 1: 1})
+    if not any(a.endswith(want) for a in arch) or (kind == "reward-model" and n_labels != 1):
+        found = next((w for k, (ends, w, _) in MODEL_KINDS.items() if any(a.endswith(ends) for a in arch)),
+                     "another kind of model")
+        raise UserError(f"{flag} {path}: that is {found} ({', '.join(arch) or 'no architectures'}"
+                        f"{f', {n_labels} labels' if 'ForSequenceClassification' in ''.join(arch) else ''}), not "
+                        f"{what}; {hint}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Reward-model data, scoring and evaluation, shared by train_rm.py, train_ppo.py and evaluate.py.
+"""Reward-model data, scoring and evaluation, shared by train_rm.py, train_ppo.py and evaluate.py, and RL's reward.
 
 A comparison becomes a `Pair`: the query's token ids, the two summaries' token ids (each ending with EOS) and the
 label P(a is better). The reward of a summary is the scalar head at the EOS of `query + " " + summary + eos`,
@@ -37,7 +37,8 @@ from minirlaif.data import (DataError, Post, build_query, encode_completion, for
 from minirlaif.losses import bradley_terry_loss
 from minirlaif.models import pad_batch, sequence_rewards, shared_prefix_rewards
 from minirlaif.stats import bootstrap_ci
-from minirlaif.utils import PAIR_SCHEMA, all_reduce, autocast, check_row
+from minirlaif.run import all_reduce
+from minirlaif.utils import PAIR_SCHEMA, autocast, check_row
 
 HUMAN_CONFIDENCE = 8  # the "high-confidence" human comparisons of the paper and the seed (acc_human_conf8)
 
@@ -424,3 +425,92 @@ def reliability_diagram(calibration: dict[str, list[dict]], path: str | Path, ti
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RL's reward, one interface for both kinds: the reward model (RLAIF / RLHF) or a labeler's rating (d-RLAIF)
+#
+#   reward(ids, mask, n_response, posts) -> (B,) scores of query + response, NaN where none could be given
+#   reward.reference(post, query_ids, max_query_tokens, max_tokens) -> the score of the post's reference summary
+#   reward.calls: labeler calls so far (None: no labeler); reward.state_dict() / load_state_dict(): checkpoints
+
+
+class RMReward:
+    """The reward model's score at the last real token of query + response (the EOS when there is one): where
+    train_rm.py trained it to read."""
+
+    calls = None
+
+    def __init__(self, model: nn.Module, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    @torch.no_grad()
+    def __call__(self, ids, mask, n_response: int, posts) -> torch.Tensor:
+        return sequence_rewards(self.model, ids, mask)  # (B,)
+
+    @torch.no_grad()
+    def reference(self, post: Post, query_ids: list[int], max_query_tokens: int, max_tokens: int) -> float:
+        """The RM's score of the dataset's reference summary after the query, capped like a response."""
+        ref = encode_completion(self.tokenizer, build_query(self.tokenizer, post, max_query_tokens)[0],
+                                format_completion(post.summary, self.tokenizer.eos_token))
+        ids, mask = pad_batch([query_ids + ref[:max_tokens]], self.tokenizer.pad_token_id)
+        device = next(self.model.parameters()).device
+        return sequence_rewards(self.model, ids.to(device), mask.to(device)).item()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class LabelerReward:
+    """d-RLAIF: a labeler's expected 1-10 rating of each decoded response, rescaled to [-1, 1].
+
+    A cache keyed by (post id, response) makes sure the labeler is never asked twice about the same response: each
+    call sends one batch of the not-yet-rated ones. `calls` counts what the labeler was asked, `unrated` the
+    responses it could not rate (those get NaN, never a made-up reward; the trainer leaves them out). The state
+    (cache and counters) goes into the trainer's checkpoint, so a resumed run asks and counts what an
+    uninterrupted one would.
+    """
+
+    def __init__(self, labeler, tokenizer):
+        self.labeler, self.tokenizer, self.cache, self.calls, self.unrated = labeler, tokenizer, {}, 0, 0
+
+    @torch.no_grad()
+    def __call__(self, ids, mask, n_response: int, posts) -> torch.Tensor:
+        from minirlaif.generation import decode_summary
+        from minirlaif.judges import rating_item
+
+        responses = [decode_summary(self.tokenizer, t[m.bool()].tolist())
+                     for t, m in zip(ids[:, -n_response:], mask[:, -n_response:])]
+        ratings = self.rate([rating_item(p, r) for p, r in zip(posts, responses)])
+        return torch.tensor([math.nan if r is None else r for r in ratings], device=ids.device)  # (B,)
+
+    def rate(self, items: list[dict]) -> list[float | None]:
+        """Ratings of {"id", ..., "summary"} items, each distinct one asked once."""
+        from minirlaif.labelers import direct_scores
+
+        keys = [(it["id"], it["summary"]) for it in items]
+        todo = {k: it for k, it in zip(keys, items) if k not in self.cache}  # distinct and new, in order
+        if todo:
+            for k, r in zip(todo, direct_scores(self.labeler, list(todo.values()))):
+                self.cache[k] = r
+            self.calls += len(todo)
+            self.unrated += sum(self.cache[k] is None for k in todo)
+        return [self.cache[k] for k in keys]
+
+    def reference(self, post: Post, query_ids: list[int], max_query_tokens: int, max_tokens: int) -> float | None:
+        """The reference summary's rating, for scale; for logging only, so neither cached nor counted in calls."""
+        from minirlaif.judges import rating_item
+        from minirlaif.labelers import direct_scores
+
+        return direct_scores(self.labeler, [rating_item(post, post.summary)])[0]
+
+    def state_dict(self) -> dict:
+        return {"cache": [[i, s, r] for (i, s), r in self.cache.items()], "calls": self.calls,
+                "unrated": self.unrated}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cache = {(i, s): r for i, s, r in state["cache"]}
+        self.calls, self.unrated = state["calls"], state["unrated"]

@@ -102,7 +102,8 @@ def convert(out_dir: str | Path, gguf: str | Path | None = None, force: bool = F
 
 
 if __name__ == "__main__":
-    from minirlaif.utils import parse_config, quiet_transformers
+    from minirlaif.config import parse_config
+    from minirlaif.run import quiet_transformers
 
     quiet_transformers()
     cfg = parse_config(Config, {})

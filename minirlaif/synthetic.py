@@ -286,7 +286,8 @@ def make_comparisons(rng: random.Random, example: dict, split: str, post_id: str
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    # a temp file of this process's own: every torchrun rank may write the task at once (the same bytes)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(path)
 
@@ -315,7 +316,7 @@ def write_task(data_dir: str | Path, cfg: TaskConfig = TaskConfig()) -> Path:
             ex = make_example(rng, cfg)
             rows += make_comparisons(rng, ex, split, f"syn-cmp-{split}-{i:06d}", cfg)
         _write_jsonl(data_dir / "comparisons" / f"{split}.jsonl", rows)
-    tmp = stamp.with_name(stamp.name + ".tmp")  # written last and atomically: a kill before it redoes the task
+    tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")  # written last, atomically: a kill before redoes the task
     tmp.write_text(json.dumps(want, indent=2) + "\n")
     os.replace(tmp, stamp)
     return data_dir

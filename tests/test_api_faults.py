@@ -21,7 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from test_judges import ITEM, prompt
 
-from minirlaif import judges
+from minirlaif import judges, labelers, openai_api
+from minirlaif.reward import LabelerReward
 from minirlaif.judges import CHOICES, PromptSpec
 
 TOP = [("1", math.log(0.6)), (" 1", math.log(0.1)), ("2", math.log(0.2)), ("Sure", math.log(0.05))]
@@ -147,7 +148,7 @@ def api():
 def client(url, **kw):
     opts = dict(spec=PromptSpec("base"), max_concurrency=2, max_retries=6, retry_base_delay=0.001,
                 retry_max_delay=0.01, request_timeout=0.3)
-    return judges.OpenAILabeler(url, "fake-model", **{**opts, **kw})
+    return openai_api.OpenAILabeler(url, "fake-model", **{**opts, **kw})
 
 
 def score(lab):
@@ -244,7 +245,7 @@ def test_openai_timeout_is_a_deadline_for_the_whole_request(api):
     api.default, api.drip = "drip", 0.05
     lab = client(api.url, max_retries=1)
     t0 = time.monotonic()
-    with pytest.raises(judges.APIError, match="giving up after 2 attempts.*TimeoutError: no complete answer within "
+    with pytest.raises(openai_api.APIError, match="giving up after 2 attempts.*TimeoutError: no complete answer within "
                                               "the 0.3 s request timeout"):
         score(lab)
     assert time.monotonic() - t0 < 2.0  # 2 attempts of 0.3 s (was: 15 s a request, then a label)
@@ -256,24 +257,24 @@ def test_openai_gives_up_with_a_clear_error_and_no_label(api, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     api.default = "500"
     lab = client(api.url, max_retries=2)
-    with pytest.raises(judges.APIError, match=r"giving up after 3 attempts \(0 prompt and 0 completion tokens "
+    with pytest.raises(openai_api.APIError, match=r"giving up after 3 attempts \(0 prompt and 0 completion tokens "
                                               r"billed\); last error: HTTP 500"):
         judges.judge_pairs(lab, [ITEM], orders="ab")
     api.default = "timeout"
-    with pytest.raises(judges.APIError, match="giving up after 3 attempts.*last error: TimeoutError"):
+    with pytest.raises(openai_api.APIError, match="giving up after 3 attempts.*last error: TimeoutError"):
         score(lab)
     api.default = "billed"  # paid for, unusable: the tokens are in the error
-    with pytest.raises(judges.APIError, match=r"\(300 prompt and 3 completion tokens billed\); last error: "
+    with pytest.raises(openai_api.APIError, match=r"\(300 prompt and 3 completion tokens billed\); last error: "
                                               r"malformed response: KeyError"):
         score(lab)
     api.default = "reset"
-    with pytest.raises(judges.APIError, match="last error: (ConnectionResetError|RemoteDisconnected)"):
+    with pytest.raises(openai_api.APIError, match="last error: (ConnectionResetError|RemoteDisconnected)"):
         score(lab)
 
 
 def test_openai_does_not_retry_a_client_error(api):
     api.plan = ["401"]
-    with pytest.raises(judges.APIError, match="HTTP 401 .not retryable"):
+    with pytest.raises(openai_api.APIError, match="HTTP 401 .not retryable"):
         score(client(api.url))
     assert len(api.requests) == 1
 
@@ -323,7 +324,7 @@ def full_text(exc: BaseException) -> str:
 def test_the_key_is_redacted_from_errors_that_echo_the_request_headers(api, monkeypatch, fate):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     api.default = fate
-    with pytest.raises(judges.APIError) as e:
+    with pytest.raises(openai_api.APIError) as e:
         score(client(api.url, max_retries=1))
     assert KEY in json.dumps(api.requests[-1]["headers"])  # the server did echo it
     assert "[REDACTED]" in str(e.value) and "Authorization" in str(e.value)
@@ -364,7 +365,7 @@ def test_api_ratings_read_single_token_numbers_and_10_split_after_a_chosen_1(api
     raw = {1: 0.6 * (1 - 0.5 - 0.1), 10: 0.6 * 0.5, 9: 0.3}
     assert r["probs"] == pytest.approx([raw.get(i, 0.0) / sum(raw.values()) for i in judges.RATINGS], abs=1e-12)
     expected = (1 * raw[1] + 10 * raw[10] + 9 * raw[9]) / sum(raw.values())
-    (reward,) = judges.direct_scores(lab, [{**ITEM, "summary": ITEM["summary_a"]}])
+    (reward,) = labelers.direct_scores(lab, [{**ITEM, "summary": ITEM["summary_a"]}])
     assert reward == pytest.approx((expected - 5.5) / 4.5, abs=1e-12)
     # no rating among the top tokens: a null rating with the reason, not a guess
     api.positions = [("Sure", [("Sure", -0.1), ("The", -3.0)])]
@@ -374,9 +375,9 @@ def test_api_ratings_read_single_token_numbers_and_10_split_after_a_chosen_1(api
 
 def test_a_failed_rating_request_is_an_unrated_episode_never_a_made_up_reward(api):
     api.default = "500"
-    rewards = judges.DirectRewards(client(api.url, max_retries=1))
+    rewards = LabelerReward(client(api.url, max_retries=1), tokenizer=None)
     items = [{**ITEM, "summary": ITEM["summary_a"]}, {**ITEM, "summary": ITEM["summary_b"]}]
-    assert rewards(items) == [None, None]
+    assert rewards.rate(items) == [None, None]
     assert rewards.calls == 2 and rewards.unrated == 2 and len(api.requests) == 4  # two attempts each
     (row,) = client(api.url, max_retries=0).rating_probs(["p"])
     assert row["probs"] is None and "HTTP 500" in row["null_reason"]

@@ -29,7 +29,7 @@ from minirlaif.losses import logprobs_from_logits
 from minirlaif.models import (causal_lm_logits, fold_reward_offset, grow_embeddings, load_causal_lm, load_scalar_model,
                               load_tokenizer, pad_batch, position_ids, response_logits, sequence_rewards,
                               shared_prefix_rewards, train_bpe_tokenizer)
-from minirlaif.utils import parse_config
+from minirlaif.config import parse_config
 
 VOCAB_PAD = 13  # Qwen2-style: the embedding has rows past the tokenizer's last token
 

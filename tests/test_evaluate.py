@@ -13,10 +13,11 @@ import torch
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
 import evaluate
-from minirlaif import judges, synthetic
+from minirlaif import judges, labelers, synthetic
 from minirlaif.data import format_query, load_posts
 from minirlaif.models import tiny_gpt2_config, train_bpe_tokenizer
-from minirlaif.utils import parse_config, read_json, write_json
+from minirlaif.config import parse_config
+from minirlaif.utils import read_json, write_json
 
 TASK = synthetic.TaskConfig(n_train=200, n_validation=12, n_test=4, n_comparison_posts_train=30,
                             n_comparison_posts_validation=24)
@@ -172,13 +173,13 @@ def test_the_rule_labeler_with_a_position_bias_keeps_gold_outcomes(env):
         while synthetic.score(p, w) >= synthetic.score(p, g) - 0.15:
             w, _ = synthetic.policy_sample(rng, p.facts, style)
         worse.append(w)
-    biased = judges.RuleLabeler(temperature=0.1, position_bias=1.0)
+    biased = labelers.RuleLabeler(temperature=0.1, position_bias=1.0)
     rows = evaluate.judge_comparison(lambda: biased, posts, gold, worse, cfg_for())
     assert all(r["outcome"] == 1.0 for r in rows)
     rows = evaluate.judge_comparison(lambda: biased, posts, worse, gold, cfg_for())
     assert all(r["outcome"] == 0.0 for r in rows)
-    # evaluate's own judge is the gold one: no bias and no noise, whatever label.py used
-    judge = evaluate.build_judge(cfg_for())
+    # evaluate's judge is the gold one by default: no bias and no noise, whatever label.py used
+    judge = evaluate.make_labeler(cfg_for(), 0)
     assert judge.judge_fn.position_bias == 0.0 and judge.judge_fn.noise == 0.0
 
 
@@ -336,7 +337,7 @@ def test_rerun_skips_a_finished_run_and_resumes_from_the_caches(env, first_run, 
     # not finished (metrics.json gone, as after a kill): nothing is generated or judged again
     (out / "metrics.json").unlink()
     monkeypatch.setattr(evaluate, "generate_texts", lambda *a, **k: pytest.fail("regenerated"))
-    monkeypatch.setattr(evaluate, "build_judge", lambda cfg: pytest.fail("re-judged"))
+    monkeypatch.setattr(evaluate, "make_labeler", lambda *a: pytest.fail("re-judged"))
     again = run_eval(env, out)
     assert again["win_rate/ppo_vs_sft"] == metrics["win_rate/ppo_vs_sft"]
     assert again["ci95/ppo_vs_sft"] == metrics["ci95/ppo_vs_sft"]
@@ -353,7 +354,7 @@ def test_a_run_killed_mid_policy_generates_only_the_missing_summaries(env, first
     real = evaluate.generate_texts
     monkeypatch.setattr(evaluate, "generate_texts",
                         lambda m, t, q, *a, **k: queries.extend(q) or real(m, t, q, *a, **k))
-    monkeypatch.setattr(evaluate, "build_judge", lambda cfg: pytest.fail("re-judged"))  # greedy: the same texts
+    monkeypatch.setattr(evaluate, "make_labeler", lambda *a: pytest.fail("re-judged"))  # greedy: the same texts
     metrics = run_eval(env, out)
     assert len(queries) == 5  # 8 posts, 3 cached
     assert metrics["win_rate/ppo_vs_sft"] == first_run[1]["win_rate/ppo_vs_sft"]
@@ -387,8 +388,10 @@ def test_missing_default_dirs_are_skipped_with_a_message(env, tmp_path, capsys):
     (runs / "ppo").mkdir()  # a PPO run still in progress: no saved model yet
     run_eval(env, tmp_path / "eval", "--runs-dir", str(runs), "--n-bootstrap", "10")
     printed = capsys.readouterr().out
-    assert "policy ppo: no saved model" in printed and "policy ppo_rlhf: no saved model" in printed
-    assert "rm rm: no saved model" in printed
+    # one line per kind, naming every default that is not trained (yet): a note, not a failure
+    assert f"policy: not trained in {runs}, left out: ppo, ppo_rlhf, reinforce, rloo, grpo, reinforce++, dr-grpo, " \
+           f"direct\n" in printed
+    assert f"rm: not trained in {runs}, left out: rm, rm_human\n" in printed
     result = read_json(tmp_path / "eval" / "eval.json")
     assert [(c["policy"], c["baseline"]) for c in result["comparisons"]] == [("sft", "reference")]
     assert result["reward_models"] == {}
@@ -400,7 +403,7 @@ def test_an_lm_judge_that_cannot_read_the_prompts_gives_nulls_not_guesses(env, t
     """The hf judge path end to end: a tiny LM with a 256-token context cannot read the judge prompts."""
     out = tmp_path / "eval"
     run_eval(env, out, "--policy", f"sft={env['runs'] / 'sft'}", "--policy", f"ppo={env['runs'] / 'ppo'}",
-             "--rm", f"rm={env['runs'] / 'rm'}", "--judge", "hf", "--judge-model", str(env["runs"] / "sft"))
+             "--rm", f"rm={env['runs'] / 'rm'}", "--labeler", "hf", "--judge-model", str(env["runs"] / "sft"))
     c = read_json(out / "eval.json")["comparisons"][0]
     assert (c["n"], c["n_null"], c["win_rate"], c["ci95"], c["lc_win_rate"]) == (0, 8, None, None, None)
     assert list(c["null_reasons"]) == ["ab: prompt has N tokens, over the labeler's N; "
@@ -409,8 +412,8 @@ def test_an_lm_judge_that_cannot_read_the_prompts_gives_nulls_not_guesses(env, t
 
 
 def test_bad_judge_settings_fail_before_any_work(env, tmp_path):
-    with pytest.raises(SystemExit, match="--judge must be"):
-        run_eval(env, tmp_path / "a", "--judge", "gpt")
+    with pytest.raises(SystemExit, match="--labeler must be one of rule, hf, vllm, openai"):
+        run_eval(env, tmp_path / "a", "--labeler", "gpt")
     real = tmp_path / "real"  # real data has no facts for the rule judge to read
     real.mkdir()
     posts = task_posts(env, 3)

@@ -4,14 +4,22 @@ position-bias analysis, a position-biased rule labeler (the OpenAI-compatible cl
 import json
 import math
 import random
+from dataclasses import dataclass
 
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from minirlaif import judges, synthetic
+from minirlaif import config, judges, labelers, synthetic
 from minirlaif.judges import CHOICES, PromptSpec
 from minirlaif.models import tiny_gpt2_config, train_bpe_tokenizer
+from minirlaif.reward import LabelerReward
+
+
+@dataclass
+class LabelCfg(labelers.LabelerConfig, judges.PromptConfig):
+    """A pairwise labeler's whole config, as label.py and evaluate.py inherit it."""
+
 
 ITEM = {"id": "p1", "subreddit": "relationships", "title": "My sister crashed my car",
         "post": "My sister (24F) crashed my car yesterday. Should I forgive her?",
@@ -107,14 +115,14 @@ def direct_probs(model, tok, text):
 def test_candidate_tokens_with_and_without_space(tiny_lm):
     _, tok = tiny_lm
     for c in CHOICES:
-        ids = judges.choice_token_ids(tok, c)
+        ids = labelers.choice_token_ids(tok, c)
         assert len(set(ids)) == 2 and tok.unk_token_id not in ids
         assert sorted(ids) == sorted([tok.convert_tokens_to_ids(c), tok.convert_tokens_to_ids("Ġ" + c)])
 
 
 def test_hf_probabilities_equal_a_direct_forward_pass(tiny_lm):
     model, tok = tiny_lm
-    labeler = judges.HFLabeler(model, tok, PromptSpec("base"), batch_size=4)
+    labeler = labelers.HFLabeler(model, tok, PromptSpec("base"), batch_size=4)
     # a batch of prompts of different lengths: left padding must not change what is read at the ending
     prompts = [prompt("base"), prompt("detailed"), prompt("base", EXEMPLARS)]
     got = labeler.choice_probs(prompts, CHOICES)
@@ -134,7 +142,7 @@ def test_hf_probabilities_equal_a_direct_forward_pass(tiny_lm):
 
 def test_hf_cot_decodes_greedily_then_scores_after_the_rationale(tiny_lm):
     model, tok = tiny_lm
-    labeler = judges.HFLabeler(model, tok, PromptSpec("base", cot=True, cot_max_tokens=5))
+    labeler = labelers.HFLabeler(model, tok, PromptSpec("base", cot=True, cot_max_tokens=5))
     first = prompt("base", cot=True)
     ids = tok(first)["input_ids"]
     with torch.no_grad():  # greedy decoding by hand, one token at a time
@@ -156,11 +164,11 @@ def test_hf_cot_decodes_greedily_then_scores_after_the_rationale(tiny_lm):
 def test_self_consistency_k1_at_temperature_0_is_plain_cot_and_k3_greedy_averages_to_it(tiny_lm):
     model, tok = tiny_lm
     items = [ITEM, {**ITEM, "id": "p2", "summary_b": "Sister crashed car."}]
-    plain = judges.judge_pairs(judges.HFLabeler(model, tok, PromptSpec("base", cot=True, cot_max_tokens=5)), items)
-    k1 = judges.judge_pairs(judges.HFLabeler(model, tok, PromptSpec("base", cot=True, cot_max_tokens=5, sc_samples=1,
+    plain = judges.judge_pairs(labelers.HFLabeler(model, tok, PromptSpec("base", cot=True, cot_max_tokens=5)), items)
+    k1 = judges.judge_pairs(labelers.HFLabeler(model, tok, PromptSpec("base", cot=True, cot_max_tokens=5, sc_samples=1,
                                                                     sc_temperature=0.0, sc_top_k=40)), items)
     assert k1 == plain
-    k3 = judges.judge_pairs(judges.HFLabeler(model, tok, PromptSpec("base", cot=True, cot_max_tokens=5, sc_samples=3,
+    k3 = judges.judge_pairs(labelers.HFLabeler(model, tok, PromptSpec("base", cot=True, cot_max_tokens=5, sc_samples=3,
                                                                     sc_temperature=0.0)), items)
     for a, b in zip(plain, k3):
         assert b["rationale_ab"] == [a["rationale_ab"]] * 3 and b["p_a_samples_ab"] == pytest.approx([a["p_a_ab"]] * 3)
@@ -203,7 +211,7 @@ def test_self_consistency_averages_distributions_not_votes():
     (row,) = judges.judge_pairs(SampledStub([None, None], k=2), [ITEM], orders="ab")
     assert row["p_a"] is None and row["null_reason"] == "ab: none of the 2 samples readable: unreadable"
     with pytest.raises(ValueError, match="needs --cot"):
-        judges.make_labeler(judges.JudgeConfig(labeler="openai", api_model="m", sc_samples=4))
+        labelers.make_labeler(LabelCfg(labeler="openai", api_model="m", sc_samples=4), seed=0)
 
 
 def test_self_consistency_seeds_are_per_pair_order_and_sample(tiny_lm):
@@ -214,15 +222,15 @@ def test_self_consistency_seeds_are_per_pair_order_and_sample(tiny_lm):
     model, tok = tiny_lm
     spec = PromptSpec("base", cot=True, cot_max_tokens=6, sc_samples=3, sc_temperature=1.0, sc_top_k=40)
     items = [ITEM, {**ITEM, "id": "p2", "summary_b": "Sister crashed car."}]
-    rows = judges.judge_pairs(judges.HFLabeler(model, tok, spec, batch_size=4, seed=1), items)
-    assert judges.judge_pairs(judges.HFLabeler(model, tok, spec, batch_size=4, seed=1), items) == rows  # a rerun
+    rows = judges.judge_pairs(labelers.HFLabeler(model, tok, spec, batch_size=4, seed=1), items)
+    assert judges.judge_pairs(labelers.HFLabeler(model, tok, spec, batch_size=4, seed=1), items) == rows  # a rerun
     # a resumed run labels only what is missing, in other batches: the same rows
     # (the rationales exactly; the probabilities up to float noise: padding changes the summation order)
-    (alone,) = judges.judge_pairs(judges.HFLabeler(model, tok, spec, batch_size=1, seed=1), items[1:])
+    (alone,) = judges.judge_pairs(labelers.HFLabeler(model, tok, spec, batch_size=1, seed=1), items[1:])
     for key, value in rows[1].items():
         assert alone[key] == (pytest.approx(value, abs=1e-6) if key.startswith(("p_a", "mass")) else value), key
     assert len(set(rows[0]["rationale_ab"])) > 1  # sampled, not greedy
-    other = judges.judge_pairs(judges.HFLabeler(model, tok, spec, batch_size=4, seed=2), items)
+    other = judges.judge_pairs(labelers.HFLabeler(model, tok, spec, batch_size=4, seed=2), items)
     assert other[0]["rationale_ab"] != rows[0]["rationale_ab"]
 
 
@@ -261,7 +269,7 @@ def test_vllm_self_consistency_sends_one_seeded_top_k_sampling_request_per_ratio
     monkeypatch.setitem(sys.modules, "vllm", fake)
     monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     spec = PromptSpec("base", cot=True, cot_max_tokens=9, sc_samples=3, sc_temperature=0.5)
-    (row,) = judges.judge_pairs(judges.VLLMLabeler("m", spec, seed=8), [ITEM], orders="ab")
+    (row,) = judges.judge_pairs(labelers.VLLMLabeler("m", spec, seed=8), [ITEM], orders="ab")
     rationale_params, scoring_params = calls
     want = [judges.rationale_seed(8, {"id": "p1", "order": "ab"}, k) for k in range(3)]
     assert [p.seed for p in rationale_params] == want
@@ -272,7 +280,7 @@ def test_vllm_self_consistency_sends_one_seeded_top_k_sampling_request_per_ratio
 
 def test_hf_too_long_prompt_is_null_not_guessed(tiny_lm):
     model, tok = tiny_lm
-    labeler = judges.HFLabeler(model, tok, PromptSpec("base"))
+    labeler = labelers.HFLabeler(model, tok, PromptSpec("base"))
     labeler.max_len = 20
     row = judges.judge_pairs(labeler, [ITEM])[0]
     assert row["p_a"] is None and row["p_a_ab"] is None and "over the labeler's 20" in row["null_reason"]
@@ -283,7 +291,7 @@ def test_chat_template_wraps_the_prompt_in_a_user_turn(tiny_lm):
     tok.chat_template = ("{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}"
                          "{% if add_generation_prompt %}<a>{% endif %}")
     try:
-        assert judges.encode_prompt(tok, "hi") == tok("<u>hi</u><a>", add_special_tokens=False)["input_ids"]
+        assert labelers.encode_prompt(tok, "hi") == tok("<u>hi</u><a>", add_special_tokens=False)["input_ids"]
     finally:
         tok.chat_template = None
 
@@ -326,7 +334,7 @@ class StubRater:
 ])
 def test_d_rlaif_reward_of_a_known_distribution_is_exact(probs, want):
     assert judges.rating_reward(probs) == pytest.approx(want, abs=1e-12)
-    (got,) = judges.direct_scores(StubRater(probs), [RATED])
+    (got,) = labelers.direct_scores(StubRater(probs), [RATED])
     assert got == pytest.approx(want, abs=1e-12)
 
 
@@ -361,7 +369,7 @@ def test_hf_ratings_read_10_as_a_whole_number(lm, request):
     model, tok = request.getfixturevalue(lm)
     ten = tok.encode(" 10", add_special_tokens=False)
     assert len(ten) == (2 if lm == "tiny_lm" else 1)  # both spellings of "10" are covered
-    labeler = judges.HFLabeler(model, tok, batch_size=4)
+    labeler = labelers.HFLabeler(model, tok, batch_size=4)
     items = [RATED, {**RATED, "id": "p2", "summary": ITEM["summary_b"]}]
     prompts = [judges.build_rating_prompt(judges.judge_text(it), it["summary"]) for it in items]
     rows = labeler.rating_probs(prompts)
@@ -369,7 +377,7 @@ def test_hf_ratings_read_10_as_a_whole_number(lm, request):
         want, raw = brute_rating_probs(model, tok, text)
         assert row["probs"] == pytest.approx(want, rel=1e-4, abs=1e-9)
         assert row["mass"] == pytest.approx(sum(raw), rel=1e-4)
-    got = judges.direct_scores(labeler, items)
+    got = labelers.direct_scores(labeler, items)
     want = [judges.rating_reward(brute_rating_probs(model, tok, p)[0]) for p in prompts]
     assert got == pytest.approx(want, rel=1e-4, abs=1e-7)
     if lm == "tiny_lm":  # "1" is not its first token's probability: the mass going on to "10" is taken out
@@ -383,19 +391,19 @@ def test_rule_ratings_follow_the_rule_score_with_seeded_noise():
     FACTS = synthetic.make_example(random.Random(0), synthetic.TaskConfig())["facts"]
     gold = synthetic.gold_summary(FACTS)
     item = {"id": "q1", "facts": FACTS, "summary": gold}
-    (row,) = judges.RuleLabeler(noise=0.0).rating_probs([item])
+    (row,) = labelers.RuleLabeler(noise=0.0).rating_probs([item])
     w = [math.exp(-((i - 10.0) ** 2) / 2) for i in range(1, 11)]  # gold scores 1.0 -> mu = 10
     assert row["probs"] == pytest.approx([x / sum(w) for x in w], abs=1e-12)
     bad = {"id": "q1", "facts": FACTS, "summary": "nothing"}
     s = synthetic.score({"facts": FACTS}, "nothing")
-    (row,) = judges.RuleLabeler(noise=0.0).rating_probs([bad])
+    (row,) = labelers.RuleLabeler(noise=0.0).rating_probs([bad])
     w = [math.exp(-((i - (5.5 + 4.5 * s)) ** 2) / 2) for i in range(1, 11)]
     assert row["probs"] == pytest.approx([x / sum(w) for x in w], abs=1e-12)
     # noise: std temperature * noise in score units, seeded by (seed, id, summary), not by the batch
-    noisy = judges.RuleLabeler(temperature=0.1, noise=1.0, seed=3)
-    alone = judges.direct_scores(noisy, [bad])
-    assert judges.direct_scores(noisy, [item, bad])[1] == alone[0]
-    assert judges.direct_scores(judges.RuleLabeler(temperature=0.1, noise=1.0, seed=4), [bad]) != alone
+    noisy = labelers.RuleLabeler(temperature=0.1, noise=1.0, seed=3)
+    alone = labelers.direct_scores(noisy, [bad])
+    assert labelers.direct_scores(noisy, [item, bad])[1] == alone[0]
+    assert labelers.direct_scores(labelers.RuleLabeler(temperature=0.1, noise=1.0, seed=4), [bad]) != alone
     eps = random.Random("3:q1:nothing").gauss(0.0, 1.0) * 0.1
     w = [math.exp(-((i - (5.5 + 4.5 * (s + eps))) ** 2) / 2) for i in range(1, 11)]
     assert alone[0] == pytest.approx(judges.rating_reward([x / sum(w) for x in w]), abs=1e-12)
@@ -403,14 +411,14 @@ def test_rule_ratings_follow_the_rule_score_with_seeded_noise():
 
 def test_direct_rewards_never_ask_twice_and_never_make_up_a_reward():
     stub = StubRater([0] * 9 + [1], fail_on=("broken",))
-    rewards = judges.DirectRewards(stub)
+    rewards = LabelerReward(stub, tokenizer=None)
     items = [RATED, RATED, {**RATED, "summary": "broken"}, {**RATED, "id": "p2"}]
-    assert rewards(items) == [1.0, 1.0, None, 1.0]
+    assert rewards.rate(items) == [1.0, 1.0, None, 1.0]
     assert len(stub.asked) == 3 and rewards.calls == 3 and rewards.unrated == 1  # the duplicate asked once
-    assert rewards(items[::-1]) == [1.0, None, 1.0, 1.0] and len(stub.asked) == 3  # all cached
-    again = judges.DirectRewards(stub)
+    assert rewards.rate(items[::-1]) == [1.0, None, 1.0, 1.0] and len(stub.asked) == 3  # all cached
+    again = LabelerReward(stub, tokenizer=None)
     again.load_state_dict(json.loads(json.dumps(rewards.state_dict())))  # as through a checkpoint
-    assert again(items) == [1.0, 1.0, None, 1.0] and len(stub.asked) == 3 and again.calls == 3
+    assert again.rate(items) == [1.0, 1.0, None, 1.0] and len(stub.asked) == 3 and again.calls == 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -489,8 +497,8 @@ def synthetic_pairs(n, seed=0):
 
 def test_position_biased_rule_labeler_is_biased_but_its_averaged_labels_are_not():
     items = synthetic_pairs(300)
-    gold = judges.RuleLabeler(temperature=0.1)
-    biased = judges.RuleLabeler(temperature=0.1, position_bias=3.0)
+    gold = labelers.RuleLabeler(temperature=0.1)
+    biased = labelers.RuleLabeler(temperature=0.1, position_bias=3.0)
     rows = judges.judge_pairs(biased, items)
     pb = judges.position_bias(rows)
     assert pb["mean_p_first"] > 0.7 and pb["consistency_rate"] < 0.8
@@ -505,7 +513,7 @@ def test_position_biased_rule_labeler_is_biased_but_its_averaged_labels_are_not(
 
 def test_rule_labeler_noise_is_seeded_per_pair_and_order():
     items = synthetic_pairs(20)
-    lab = lambda seed: judges.RuleLabeler(noise=1.0, seed=seed)  # noqa: E731
+    lab = lambda seed: labelers.RuleLabeler(noise=1.0, seed=seed)  # noqa: E731
     rows = judges.judge_pairs(lab(1), items)
     assert rows == judges.judge_pairs(lab(1), items)
     assert judges.judge_pairs(lab(1), items[5:6]) == rows[5:6]  # independent of the rest of the batch
@@ -514,25 +522,27 @@ def test_rule_labeler_noise_is_seeded_per_pair_and_order():
         judges.judge_pairs(lab(1), [ITEM])
 
 
-def test_make_labeler_reads_any_cfg_like_object():
-    class Args:
-        labeler, rule_position_bias, seed = "rule", 1.5, 7
-    lab = judges.make_labeler(Args())
-    assert isinstance(lab, judges.RuleLabeler) and lab.judge_fn.position_bias == 1.5 and lab.seed == 7
-    with pytest.raises(ValueError, match="unknown labeler"):
-        judges.make_labeler(judges.JudgeConfig(labeler="gpt"))
+def test_make_labeler_builds_what_the_config_names():
+    """A stage's config inherits LabelerConfig (and PromptConfig for pairs): the labeler is built from its fields; a
+    labeler the config does not know is refused when the flags are parsed, naming the flag."""
+    lab = labelers.make_labeler(labelers.LabelerConfig(labeler="rule", rule_position_bias=1.5), seed=7)
+    assert isinstance(lab, labelers.RuleLabeler) and lab.judge_fn.position_bias == 1.5 and lab.seed == 7
+    with pytest.raises(SystemExit, match="--labeler must be one of rule, hf, vllm, openai"):
+        config.parse_config(LabelCfg, {}, ["--labeler", "gpt"])
     with pytest.raises(ValueError, match="--api-model"):
-        judges.make_labeler(judges.JudgeConfig(labeler="openai"))
+        labelers.make_labeler(LabelCfg(labeler="openai"), seed=0)
+    # d-RLAIF's config is no PromptConfig: its labeler prompts with the defaults (the rating prompt has no knobs)
+    lab = labelers.make_labeler(labelers.LabelerConfig(labeler="openai", api_model="m"), seed=0)
+    assert lab.spec == judges.prompt_spec(judges.PromptConfig())
 
 
 def test_top_logprobs_over_20_is_for_vllm_only():
     """vLLM reads any number of top logprobs (VLLMLabeler raises max_logprobs); OpenAI-compatible APIs cap it at 20."""
     import label
-    from minirlaif.judges import JudgeConfig, make_labeler
-    from minirlaif.utils import parse_config
+    from minirlaif.config import parse_config
 
     assert parse_config(label.Config, label.PRESETS, ["--labeler", "vllm", "--top-logprobs", "400"]).top_logprobs == 400
     with pytest.raises(SystemExit, match="top-logprobs"):
         parse_config(label.Config, label.PRESETS, ["--top-logprobs", "0"])
     with pytest.raises(ValueError, match="at most 20"):
-        make_labeler(JudgeConfig(labeler="openai", api_model="m", top_logprobs=21))
+        labelers.make_labeler(LabelCfg(labeler="openai", api_model="m", top_logprobs=21), seed=0)

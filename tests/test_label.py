@@ -18,9 +18,9 @@ from test_api_faults import FakeAPI
 import label
 from minirlaif import synthetic
 from minirlaif.generation import decode_summary
-from minirlaif.judges import APIError
+from minirlaif.openai_api import APIError
 from minirlaif.models import tiny_gpt2_config, train_bpe_tokenizer
-from minirlaif.utils import parse_config
+from minirlaif.config import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from minirlaif import losses
-from minirlaif.losses import (AdaptiveKLController, FixedKLController, bradley_terry_loss, entropy_from_logits,
-                              explained_variance, gae, grpo_advantages, kl_penalty, logprobs_from_logits, masked_mean,
-                              masked_var, masked_whiten, ppo_policy_loss, ppo_value_loss, reinforce_advantages,
-                              rloo_advantages, truncate_after_eos)
+from minirlaif.losses import (AdaptiveKLController, FixedKLController, bradley_terry_loss, dr_grpo_advantages,
+                              entropy_from_logits, explained_variance, gae, grpo_advantages, kl_penalty,
+                              logprobs_from_logits, masked_mean, masked_var, masked_whiten, ppo_policy_loss,
+                              ppo_value_loss, reinforce_advantages, reward_to_go, rloo_advantages, truncate_after_eos)
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
@@ -164,6 +164,57 @@ def test_grpo_matches_per_sequence_loop(k):
         std = math.sqrt(sum((x - mean) ** 2 for x in group) / (k - 1))  # unbiased, like TRL
         expected.append((R[i] - mean) / (std + 1e-4))
     assert_on_valid_tokens(advantages, mask, lengths, expected)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_reinforce_pp_reward_to_go_matches_per_sequence_loop(gamma):
+    """REINFORCE++: A_t = sum_{s >= t} gamma^(s - t) r_s over each sequence's own valid tokens (padding never
+    leaks in: it holds garbage here), 0 at padding; then whitened over every valid token of the batch with the
+    biased variance (OpenRLHF's choice), which the trainer does with masked_whiten."""
+    rewards, mask, lengths, _ = ragged_batch(B=6, T=7, seed=11)
+    got = reward_to_go(with_garbage(rewards, mask), mask, gamma)
+    for b, n in enumerate(lengths):
+        row = rewards[b, :n].tolist()
+        for t in range(mask.shape[1]):
+            want = sum(gamma ** (s - t) * row[s] for s in range(t, n)) if t < n else 0.0
+            assert got[b, t].item() == pytest.approx(want, abs=1e-12), (b, t)
+    # hand-checked: r = (-0.1, -0.2, 1.0), gamma 1 -> (0.7, 0.8, 1.0); and it is GAE with V = 0 and lam = 1
+    r = torch.tensor([[-0.1, -0.2, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(reward_to_go(r, torch.ones(1, 3)), torch.tensor([[0.7, 0.8, 1.0]], dtype=torch.float64))
+    torch.testing.assert_close(got, gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)[0])
+    # the global whitening over all valid tokens of the batch, by hand (divide by n)
+    a = [v for row in valid(got, mask) for v in row]
+    mean = sum(a) / len(a)
+    std = math.sqrt(sum((v - mean) ** 2 for v in a) / len(a))
+    white = masked_whiten(got, mask)
+    assert [v for row in valid(white, mask) for v in row] == pytest.approx([(v - mean) / std for v in a], abs=1e-6)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_dr_grpo_matches_per_sequence_loop(k):
+    """Dr. GRPO: A_i = R_i - the mean return of its group (no std division), on each valid token."""
+    rewards, mask, lengths, _ = ragged_batch(B=3 * k, T=6, seed=12)
+    advantages = dr_grpo_advantages(with_garbage(rewards, mask), mask, k)
+    R = [sum(rewards[b, :n].tolist()) for b, n in enumerate(lengths)]
+    expected = [R[i] - sum(R[j] for j in range(i // k * k, i // k * k + k)) / k for i in range(len(R))]
+    assert_on_valid_tokens(advantages, mask, lengths, expected)
+    # a group whose samples all score alike gets 0, as GRPO; but the scale is the rewards', not 1 / std
+    r = torch.tensor([[1.0], [1.0], [0.0], [4.0]], dtype=torch.float64)
+    torch.testing.assert_close(dr_grpo_advantages(r, torch.ones(4, 1), 2)[:, 0],
+                               torch.tensor([0.0, 0.0, -2.0, 2.0], dtype=torch.float64))
+
+
+def test_dr_grpo_loss_is_token_sums_over_a_constant_per_sequence():
+    """Dr. GRPO's loss aggregation, as train_ppo.py computes it (token_mean=False): num_valid = sequences x the
+    length budget L, so the loss is mean_i(sum_t loss_it / L): a long response's tokens weigh what a short one's do,
+    unlike the per-sequence mean of GRPO (1 / |o_i|). Checked against the per-sequence loop at ratio 1."""
+    _, mask, lengths, g = ragged_batch(B=6, T=5, seed=13)
+    adv = torch.randn(mask.shape, generator=g, dtype=torch.float64)
+    logp = torch.randn(mask.shape, generator=g, dtype=torch.float64)
+    L = mask.shape[1]
+    loss, _ = ppo_policy_loss(logp, logp.detach(), adv, mask, 0.2, num_valid=mask.shape[0] * L)
+    want = sum(-sum(adv[b, :n].tolist()) / L for b, n in enumerate(lengths)) / mask.shape[0]
+    assert loss.item() == pytest.approx(want, abs=1e-12)
 
 
 def test_grpo_normalises_within_the_group_only():

@@ -16,12 +16,16 @@ import torch
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
 import train_ppo
-from minirlaif import judges, losses, synthetic
+from minirlaif import judges, labelers, losses, synthetic
 from minirlaif.data import build_query, load_posts
-from minirlaif.generation import row_seeds
+from minirlaif.generation import HFRollout, row_seeds
 from minirlaif.models import (pad_batch, response_logits, sequence_rewards, set_attention, tiny_gpt2_config,
                               train_bpe_tokenizer)
-from minirlaif.utils import Dist, batch_indices, parse_config
+from minirlaif.config import parse_config
+from minirlaif import run as run_module
+from minirlaif.reward import LabelerReward, RMReward
+from minirlaif.run import Dist, Run
+from minirlaif.utils import batch_indices
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -72,7 +76,9 @@ def batch(setup, tmp_path_factory):
     tok = setup["tok"]
     models = load_models(setup, cfg)
     queries = [build_query(tok, p, cfg.max_query_tokens)[1] for p in setup["posts"][:12]]
-    b = train_ppo.rollout(*models, queries, row_seeds(5, n=12), tok, cfg, torch.device("cpu"))
+    policy, ref, value, rm = models
+    b = train_ppo.rollout(policy, ref, value, RMReward(rm, tok), queries, row_seeds(5, n=12), tok, cfg,
+                          torch.device("cpu"), setup["posts"][:12], HFRollout())
     return {"cfg": cfg, "models": models, "batch": b, "queries": queries}
 
 
@@ -271,7 +277,8 @@ def test_bf16_on_cpu_runs_and_stays_close_to_fp32(setup, tmp_path, monkeypatch):
 
 
 ALGO_ARGS = {"ppo": [], "reinforce": ["--algo", "reinforce"], "rloo": ["--algo", "rloo"],
-             "grpo": ["--algo", "grpo", "--samples-per-query", "2"],
+             "grpo": ["--algo", "grpo", "--samples-per-query", "2"], "reinforce++": ["--algo", "reinforce++"],
+             "dr-grpo": ["--algo", "dr-grpo"],
              "d-rlaif": ["--reward", "direct", "--algo", "rloo"]}
 
 
@@ -350,24 +357,27 @@ def test_episode_layout_keeps_groups_on_one_rank_and_seeds_per_row(k, world):
         assert q == batch_indices(5, 100, 16, 3)[1::2] and sd == row_seeds(3, 5, n=16)[1::2]
 
 
-@pytest.mark.parametrize("algo", train_ppo.ALGOS)
+@pytest.mark.parametrize("algo", train_ppo.ESTIMATORS)
 def test_the_estimator_is_the_math_cores(algo):
-    """kl_rewards_and_advantages hands the KL-shaped rewards to exactly the --algo estimator, then whitens."""
+    """kl_rewards_and_advantages hands the KL-shaped rewards to exactly the --algo estimator, then whitens (all but
+    Dr. GRPO, whose point is to divide by no std)."""
     cfg = train_ppo.Config(algo=algo, kl_coef=0.1)
     g = torch.Generator().manual_seed(0)
     mask = (torch.arange(5)[None] < torch.tensor([5, 3, 1, 4])[:, None]).long()
     batch = {"response_mask": mask, "logprobs": torch.randn(4, 5, generator=g) * mask,
              "ref_logprobs": torch.randn(4, 5, generator=g) * mask, "scores": torch.tensor([1.0, -2.0, 0.5, 3.0])}
-    if algo not in train_ppo.VALUE_FREE:
+    if train_ppo.ESTIMATORS[algo].value_model:
         batch["values"] = torch.randn(4, 5, generator=g) * mask
     out = train_ppo.kl_rewards_and_advantages(batch, 0.1, 2, cfg, Dist())
     r = out["rewards"]
     ref = {"ppo": lambda: losses.gae(r, batch["values"], mask, cfg.gamma, cfg.lam),
            "reinforce": lambda: losses.reinforce_advantages(r, batch["values"], mask),
            "rloo": lambda: (losses.rloo_advantages(r, mask, 2), None),
-           "grpo": lambda: (losses.grpo_advantages(r, mask, 2), None)}[algo]
+           "grpo": lambda: (losses.grpo_advantages(r, mask, 2), None),
+           "reinforce++": lambda: (losses.reward_to_go(r, mask, cfg.gamma), None),
+           "dr-grpo": lambda: (losses.dr_grpo_advantages(r, mask, 2), None)}[algo]
     adv, ret = ref()
-    torch.testing.assert_close(out["advantages"], losses.masked_whiten(adv, mask))
+    torch.testing.assert_close(out["advantages"], adv if algo == "dr-grpo" else losses.masked_whiten(adv, mask))
     assert ("returns" in out) == (ret is not None)
     if ret is not None:
         torch.testing.assert_close(out["returns"], ret)
@@ -378,10 +388,15 @@ def test_value_free_run_loads_trains_and_saves_no_value_model(setup, tmp_path, m
     """Checked, not assumed: the scalar-model loader is called for the RM only, only the policy gets an
     optimizer, and every checkpoint holds the policy and its optimizer only."""
     loaded, checkpoints, optimized = [], [], []
-    real_load, real_save, real_adamw = train_ppo.load_scalar_model, train_ppo.save_checkpoint, torch.optim.AdamW
+    real_load, real_save, real_adamw = train_ppo.load_scalar_model, Run.checkpoint, torch.optim.AdamW
     monkeypatch.setattr(train_ppo, "load_scalar_model", lambda path, **kw: loaded.append(path) or real_load(path, **kw))
-    monkeypatch.setattr(train_ppo, "save_checkpoint", lambda d, step, state, dist: checkpoints.append(state) or
-                        real_save(d, step, state, dist))
+
+    def checkpoint(self, step, **kw):  # what each saved checkpoint holds
+        real_save(self, step, **kw)
+        if (self.ckpt_dir / "state.pt").exists() and torch.load(self.ckpt_dir / "state.pt")["step"] == step:
+            checkpoints.append(torch.load(self.ckpt_dir / "state.pt"))
+
+    monkeypatch.setattr(Run, "checkpoint", checkpoint)
 
     def adamw(params, **kw):
         params = list(params)
@@ -395,9 +410,8 @@ def test_value_free_run_loads_trains_and_saves_no_value_model(setup, tmp_path, m
     assert loaded == [cfg.rm_path]  # the reward model, nothing else
     policy_params = sum(p.numel() for p in train_ppo.load_causal_lm(cfg.sft_path).parameters())
     assert optimized == [policy_params]
-    assert len(checkpoints) == 2 and all(set(c) == {"policy", "optimizers", "kl_ctl", "left_out", "config"}
+    assert len(checkpoints) == 2 and all(set(c) == {"policy", "policy_optimizer", "kl_ctl", "reward", "counts", "step"}
                                       for c in checkpoints)
-    assert all(set(c["optimizers"]) == {"policy"} for c in checkpoints)
     rows = metric_rows(tmp_path / algo)
     assert all("ppo/value_loss" not in r and "val/explained_variance" not in r for r in rows)
     assert rows[0]["objective/kl"] == pytest.approx(0, abs=1e-5) and "value" not in json.loads(
@@ -416,20 +430,23 @@ def test_bad_algo_settings_are_refused(setup, tmp_path):
                        (["--reward", "direct", "--labeler", "palm"], "--labeler must be one of rule, hf, vllm")):
         with pytest.raises(SystemExit, match=msg):
             parse_config(train_ppo.Config, train_ppo.PRESETS, ppo_args(setup, tmp_path / "x", *extra))
-    for extra, msg in ((["--algo", "rloo", "--samples-per-query", "1"], "must be >= 2"),
-                       (["--algo", "rloo", "--samples-per-query", "3"], "whole groups")):
-        with pytest.raises(AssertionError, match=msg):
+    for extra, msg in ((["--algo", "rloo", "--samples-per-query", "1"], "--samples-per-query must be >= 2, got 1"),
+                       (["--algo", "rloo", "--samples-per-query", "3"], "--batch-size 16 must split into whole groups "
+                                                                       "of --samples-per-query 3"),
+                       (["--batch-size", "16", "--micro-batch-size", "5"], "--micro-batch-size 5"),
+                       (["--total-episodes", "8"], "--total-episodes 8 must be at least one --batch-size")):
+        with pytest.raises(SystemExit, match=msg):
             train_ppo.main(parse_config(train_ppo.Config, train_ppo.PRESETS, ppo_args(setup, tmp_path / "x", *extra)))
 
 
 def test_d_rlaif_with_a_vllm_labeler_is_refused_under_torchrun(setup, tmp_path, monkeypatch):
     """--reward direct --labeler vllm needs one engine called in step by every rank; under torchrun it stops with
     the message before any model or engine is loaded (a 2-rank world, faked)."""
-    monkeypatch.setattr(train_ppo, "setup_dist", lambda: Dist(rank=0, world_size=2))
+    monkeypatch.setattr(run_module, "setup_dist", lambda: Dist(rank=0, world_size=2))
     monkeypatch.setattr(train_ppo, "load_causal_lm", lambda *a, **k: pytest.fail("loaded a model"))
     cfg = parse_config(train_ppo.Config, train_ppo.PRESETS,
                        ppo_args(setup, tmp_path / "x", "--reward", "direct", "--labeler", "vllm", "--judge-model", "m"))
-    with pytest.raises(AssertionError, match="runs in one process"):
+    with pytest.raises(SystemExit, match="runs in one process"):
         train_ppo.main(cfg)
 
 
@@ -442,9 +459,8 @@ def test_d_rlaif_scores_are_the_labelers_ratings_and_no_rm_is_loaded(setup, tmp_
     real_load = train_ppo.load_scalar_model
     monkeypatch.setattr(train_ppo, "load_scalar_model", lambda path, **kw: loaded.append(path) or real_load(path, **kw))
     asked = []
-    real_call = judges.DirectRewards.__call__
-    monkeypatch.setattr(judges.DirectRewards, "__call__", lambda self, items: asked.append(items) or
-                        real_call(self, items))
+    real_rate = LabelerReward.rate
+    monkeypatch.setattr(LabelerReward, "rate", lambda self, items: asked.append(items) or real_rate(self, items))
     out = tmp_path / "direct"
     cfg = parse_config(train_ppo.Config, train_ppo.PRESETS,
                        ppo_args(setup, out, "--reward", "direct", "--algo", "rloo", "--rm-path", "/nonexistent"))
@@ -452,10 +468,10 @@ def test_d_rlaif_scores_are_the_labelers_ratings_and_no_rm_is_loaded(setup, tmp_
     assert loaded == []  # no reward model, no value model
     rows = metric_rows(out)
     # the scores of every update are the rule labeler's d-RLAIF rewards of its (post, response) pairs
-    labeler = judges.RuleLabeler(cfg.rule_temperature, 0.0, cfg.rule_noise, seed=cfg.seed)
+    labeler = labelers.RuleLabeler(cfg.rule_temperature, 0.0, cfg.rule_noise, seed=cfg.seed)
     distinct = set()
     for items, row in zip(asked, rows):
-        want = judges.direct_scores(labeler, items)
+        want = labelers.direct_scores(labeler, items)
         assert all(-1 <= w <= 1 for w in want)
         assert row["objective/rm_score"] == pytest.approx(sum(want) / len(want), abs=1e-5)
         distinct |= {(it["id"], it["summary"]) for it in items}

@@ -21,7 +21,8 @@ from minirlaif.data import load_posts
 from minirlaif.losses import bradley_terry_loss
 from minirlaif.models import last_index, pad_batch, sequence_rewards, tiny_gpt2_config, train_bpe_tokenizer
 from minirlaif.reward import Encoder, Pair, PairRewards
-from minirlaif.utils import parse_config
+from minirlaif.config import parse_config
+from minirlaif.run import Run
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK = synthetic.TaskConfig(n_train=200, n_validation=20, n_test=4, n_comparison_posts_train=80,
@@ -290,18 +291,19 @@ def test_stop_after_a_checkpoint_and_resume_matches_an_uninterrupted_run(env, ai
     d, _ = env
     ref_cfg, ref_metrics = ai_run
     out = tmp_path / "stopped"
-    real_save = train_rm.save_checkpoint
+    real_save = Run.checkpoint
 
-    def save_then_stop(*args, **kw):  # the first complete checkpoint is on disk, then the process "dies"
-        real_save(*args, **kw)
-        raise Stop
+    def save_then_stop(self, *args, **kw):  # the first complete checkpoint is on disk, then the process "dies"
+        real_save(self, *args, **kw)
+        if (self.ckpt_dir / "state.pt").exists():
+            raise Stop
 
-    monkeypatch.setattr(train_rm, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(Run, "checkpoint", save_then_stop)
     cfg = parse_config(train_rm.Config, train_rm.PRESETS, micro_args(d, out))
     with pytest.raises(Stop):
         train_rm.main(cfg)
     assert (out / "checkpoint" / "state.pt").exists() and not (out / "metrics.json").exists()
-    monkeypatch.setattr(train_rm, "save_checkpoint", real_save)
+    monkeypatch.setattr(Run, "checkpoint", real_save)
     resumed = train_rm.main(cfg)
     a, b = load_file(f"{ref_cfg.out_dir}/model.safetensors"), load_file(out / "model.safetensors")
     for k in a:
@@ -316,7 +318,8 @@ def test_stop_after_a_checkpoint_and_resume_matches_an_uninterrupted_run(env, ai
 
 
 def test_a_non_finite_loss_stops_without_saving_non_finite_weights(env, tmp_path, capsys):
-    """lr 1e10: no checkpoint (state.pt, best) ever holds a NaN, and the message says what is on disk."""
+    """lr 1e10: no checkpoint (its model, nor the best model it keeps) ever holds a NaN, and the message says what
+    is on disk."""
     d, _ = env
     out = tmp_path / "nan"
     cfg = parse_config(train_rm.Config, train_rm.PRESETS,
@@ -324,10 +327,10 @@ def test_a_non_finite_loss_stops_without_saving_non_finite_weights(env, tmp_path
                                   "--eval-every", "1"))
     with pytest.raises(SystemExit, match="non-finite") as stop:
         train_rm.main(cfg)
-    for f in [*(out / "checkpoint").glob("best*.pt"), *(out / "checkpoint").glob("state.pt")]:
-        saved = torch.load(f, weights_only=True)
-        assert all(torch.isfinite(v).all() for v in saved["model"].values()), f.name
     if (out / "checkpoint" / "state.pt").exists():
+        saved = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+        for weights in (saved["model"], saved["best"]["model"] or {}):
+            assert all(torch.isfinite(v).all() for v in weights.values())
         step = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
         assert f"the checkpoint of step {step} in" in str(stop.value)
     else:
@@ -349,16 +352,16 @@ def test_human_feedback_run_with_default_out_dir(env, tmp_path, monkeypatch):
 
 
 def test_labels_label_py_is_still_writing_are_refused(env, tmp_path):
-    """A pairs.jsonl whose label.py run has not finished (run_config.json, no metrics.json) is never read, so an
-    RM's numbers cannot depend on how far the labeling got."""
+    """A pairs.jsonl whose label.py run has not finished (its run.json, no metrics.json) is never read, so an RM's
+    numbers cannot depend on how far the labeling got."""
     d, _ = env
     labels = tmp_path / "labels"
     labels.mkdir()
     (labels / "pairs.jsonl").write_text("".join((d / "pairs.jsonl").read_text().splitlines(keepends=True)[:10]))
-    (labels / "run_config.json").write_text("{}")
+    (labels / "run.json").write_text("{}")
     for feedback in ("human", "ai"):
         args = micro_args(d, tmp_path / feedback, "--feedback", feedback, "--labels-path", str(labels / "pairs.jsonl"))
-        with pytest.raises(SystemExit, match="has not finished"):
+        with pytest.raises(SystemExit, match="labels .*pairs.jsonl is not finished: the run in .*labels started"):
             train_rm.main(parse_config(train_rm.Config, train_rm.PRESETS, args))
 
 

@@ -17,7 +17,7 @@ import train_sft
 from minirlaif import synthetic
 from minirlaif.data import DataError
 from minirlaif.models import tiny_gpt2_config, train_bpe_tokenizer
-from minirlaif.utils import parse_config
+from minirlaif.config import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}

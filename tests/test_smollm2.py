@@ -23,11 +23,11 @@ import train_sft
 from minirlaif import smollm2, synthetic
 from minirlaif.data import build_query, load_posts
 from minirlaif.generation import generate, row_seeds
-from minirlaif.judges import encode_prompt
+from minirlaif.labelers import encode_prompt
 from minirlaif.losses import logprobs_from_logits
 from minirlaif.models import (load_causal_lm, load_scalar_model, load_tokenizer, pad_batch, position_ids,
                               sequence_rewards)
-from minirlaif.utils import parse_config
+from minirlaif.config import parse_config
 
 MISSING = [p for p in ("gguf", "accelerate", smollm2.GGUF_PACKAGE) if importlib.util.find_spec(p) is None]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

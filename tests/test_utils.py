@@ -1,4 +1,4 @@
-"""Shared helpers: the config CLI, resumable jsonl, hashes, finished-run detection."""
+"""Shared helpers: the config CLI and its rules, resumable jsonl, hashes."""
 
 import dataclasses
 import json
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minirlaif import utils
-from minirlaif.utils import parse_config
+from minirlaif import config, utils
+from minirlaif.config import parse_config
 
 
 @dataclass
@@ -32,16 +32,16 @@ PRESETS = {"big": {"lr": 1e-5, "steps": 100}}
 
 
 def test_parse_config_layers_defaults_presets_flags():
-    assert utils.parse_config(Cfg, PRESETS, []) == Cfg(out_dir="runs/tiny/x")
-    c = utils.parse_config(Cfg, PRESETS, ["--preset", "big", "--steps", "7", "--no-resume"])
+    assert config.parse_config(Cfg, PRESETS, []) == Cfg(out_dir="runs/tiny/x")
+    c = config.parse_config(Cfg, PRESETS, ["--preset", "big", "--steps", "7", "--no-resume"])
     assert (c.lr, c.steps, c.resume, c.out_dir) == (1e-5, 7, False, "runs/big/x")
-    c = utils.parse_config(Cfg, PRESETS, ["--policy", "a=1", "--policy", "b=2", "--out-dir", "/tmp/o"])
+    c = config.parse_config(Cfg, PRESETS, ["--policy", "a=1", "--policy", "b=2", "--out-dir", "/tmp/o"])
     assert c.policy == ["a=1", "b=2"] and c.out_dir == "/tmp/o"
 
 
 def test_help_lists_every_field_with_its_doc(capsys):
     with pytest.raises(SystemExit):
-        utils.parse_config(Cfg, PRESETS, ["--help"])
+        config.parse_config(Cfg, PRESETS, ["--help"])
     out = capsys.readouterr().out
     for flag, doc in [("--out-dir", "where outputs go"), ("--lr", "peak learning rate"), ("--no-resume", ""),
                       ("--policy", "NAME=PATH")]:
@@ -60,15 +60,15 @@ class PctCfg:
 def test_help_with_percent_signs(capsys):
     # argparse %-formats help strings: a bare % in a doc, a default or a preset override used to crash --help
     with pytest.raises(SystemExit) as exit_:
-        utils.parse_config(PctCfg, {"big": {"holdout": "5%"}}, ["--help"])
+        config.parse_config(PctCfg, {"big": {"holdout": "5%"}}, ["--help"])
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     assert "share of posts held out, e.g. 10% (%(prog)s and %d are text too) [big: 5%] (default: 10%)" in out
-    assert utils.parse_config(PctCfg, {}, ["--holdout", "20%"]).holdout == "20%"
+    assert config.parse_config(PctCfg, {}, ["--holdout", "20%"]).holdout == "20%"
 
 
 def test_field_docs():
-    assert utils.field_docs(Cfg)["steps"] == "optimizer steps"
+    assert config.field_docs(Cfg)["steps"] == "optimizer steps"
 
 
 def test_read_jsonl_resumable_cuts_partial_last_line(tmp_path):
@@ -101,25 +101,6 @@ def test_sha256_path_ignores_volatile_files(tmp_path):
     assert utils.sha256_path(tmp_path / "missing") is None
 
 
-def test_finished_metrics_needs_same_config(tmp_path):
-    cfg = Cfg(out_dir=str(tmp_path))
-    assert utils.finished_metrics(tmp_path, cfg) is None
-    utils.write_manifest(tmp_path, cfg, {"data": str(tmp_path)})
-    utils.write_json(tmp_path / "metrics.json", {"acc": 0.7})
-    assert utils.finished_metrics(tmp_path, cfg) == {"acc": 0.7}
-    # run-control fields do not matter, real ones do
-    assert utils.finished_metrics(tmp_path, Cfg(out_dir=str(tmp_path), resume=False)) == {"acc": 0.7}
-    assert utils.finished_metrics(tmp_path, Cfg(out_dir=str(tmp_path), lr=0.5)) is None
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["config"]["lr"] == 1e-3 and "torch" in manifest["packages"]
-
-
-def test_check_resume_config_names_the_differences():
-    with pytest.raises(SystemExit, match="lr"):
-        utils.check_resume_config({**Cfg().__dict__, "lr": 0.1}, Cfg(), "ckpt")
-    utils.check_resume_config({**Cfg().__dict__, "resume": False}, Cfg(), "ckpt")
-
-
 def test_autocast_is_bf16_on_cpu_only_when_enabled():
     """`--bf16` means bf16 matmuls on CPU too; off means fp32, untouched."""
     g = torch.Generator().manual_seed(0)
@@ -145,8 +126,8 @@ def test_bf16_is_on_for_gpt2_large_and_off_for_the_cpu_presets(script):
 
     mod = importlib.import_module(script)
     for preset, bf16 in (("tiny", False), ("micro", False), ("gpt2-large", True)):
-        assert utils.parse_config(mod.Config, mod.PRESETS, ["--preset", preset]).bf16 is bf16, preset
-    assert utils.parse_config(mod.Config, mod.PRESETS, ["--bf16"]).bf16 is True
+        assert config.parse_config(mod.Config, mod.PRESETS, ["--preset", preset]).bf16 is bf16, preset
+    assert config.parse_config(mod.Config, mod.PRESETS, ["--bf16"]).bf16 is True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,13 +147,13 @@ def stage_modules():
 def test_every_numeric_field_of_every_stage_has_a_rule_and_every_preset_passes():
     from typing import get_type_hints
 
-    from minirlaif.utils import FIELD_RULES, config_errors
+    from minirlaif.config import config_errors, rules
 
     for mod in stage_modules():
-        hints = get_type_hints(mod.Config)
+        hints, have = get_type_hints(mod.Config), rules(mod.Config)
         for f in dataclasses.fields(mod.Config):
             if hints[f.name] in (int, float):
-                assert f.name in FIELD_RULES or f.name in UNCONSTRAINED, (mod.__name__, f.name)
+                assert f.name in have or f.name in UNCONSTRAINED, (mod.__name__, f.name)
         for preset in ("tiny", *mod.PRESETS):
             assert config_errors(parse_config(mod.Config, mod.PRESETS, ["--preset", preset])) == []
 

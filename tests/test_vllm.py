@@ -18,10 +18,12 @@ from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import evaluate
 import label
-from minirlaif import synthetic
+from minirlaif import labelers, synthetic
 from minirlaif.data import build_query, load_posts
 from minirlaif.models import tiny_gpt2_config, train_bpe_tokenizer
-from minirlaif.utils import parse_config
+from minirlaif.config import parse_config
+from minirlaif.reward import RMReward
+from minirlaif.run import Run
 
 pytestmark = pytest.mark.vllm
 
@@ -173,8 +175,8 @@ def test_vllm_d_rlaif_ratings_match_hf(setup, family):
     items = [{"id": p.id, "subreddit": p.subreddit, "title": p.title, "post": p.post, "facts": p.facts,
               "summary": p.summary} for p in setup["posts"][:4]]
     prompts = [judges.build_rating_prompt(judges.judge_text(it), it["summary"]) for it in items]
-    hf = judges.HFLabeler(load_causal_lm(path).eval(), tok, batch_size=10)
-    vl = judges.VLLMLabeler(path, top_logprobs=len(tok))
+    hf = labelers.HFLabeler(load_causal_lm(path).eval(), tok, batch_size=10)
+    vl = labelers.VLLMLabeler(path, top_logprobs=len(tok))
     want, got = hf.rating_probs(prompts), vl.rating_probs(prompts)
     for w, g in zip(want, got):
         assert w["null_reason"] is None and g["null_reason"] is None
@@ -184,9 +186,9 @@ def test_vllm_d_rlaif_ratings_match_hf(setup, family):
         assert g["mass"] == pytest.approx(w["mass"], rel=1e-3)
     if family == "gpt2":  # the Llama's sharpened head puts almost nothing on 10; the GPT-2's enough to compare
         assert max(w["probs"][9] for w in want) > 1e-4, "P(10) large enough to be compared"
-    _, conts, _, rating = judges.rating_sequences(tok, prompts[:1], judges.RATINGS)
+    _, conts, _, rating = labelers.rating_sequences(tok, prompts[:1], judges.RATINGS)
     assert len(conts[rating.index(10)]) > 1, 'this tokenizer spells " 10" in several tokens (" ", "1", "0")'
-    assert judges.direct_scores(vl, items) == pytest.approx(judges.direct_scores(hf, items), abs=1e-4)
+    assert labelers.direct_scores(vl, items) == pytest.approx(labelers.direct_scores(hf, items), abs=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -289,11 +291,12 @@ def test_ppo_vllm_rollouts_ratio_one_and_resume(setup, rm, ppo_full, tmp_path, m
     cfg = parse_config(train_ppo.Config, train_ppo.PRESETS, ["--preset", "micro", "--response-length", "12"])
     tok, d = setup["tok"], setup["root"]
     policy, ref = load_causal_lm(str(d / "gpt2")).eval(), load_causal_lm(str(d / "gpt2")).eval()
-    value, reward = (load_scalar_model(str(rm), pad_token_id=tok.pad_token_id).eval() for _ in range(2))
+    value, rm_model = (load_scalar_model(str(rm), pad_token_id=tok.pad_token_id).eval() for _ in range(2))
+    reward = RMReward(rm_model, tok)
     queries = [build_query(tok, p, 200)[1] for p in setup["posts"][:8]]
     engine = VLLMRollout(str(d / "gpt2"), seed=0)
     b = train_ppo.rollout(policy, ref, value, reward, queries, row_seeds(3, n=8), tok, cfg, torch.device("cpu"),
-                          engine=engine)
+                          setup["posts"][:8], engine)
     R = int(b["response_mask"].sum(1).max())  # the rollout's width (its batch is padded to response_length)
     resp, m = b["response"][:, :R], b["response_mask"][:, :R]
     ids, mask = torch.cat([b["query"], resp], 1), torch.cat([b["query_mask"], m], 1)
@@ -304,25 +307,25 @@ def test_ppo_vllm_rollouts_ratio_one_and_resume(setup, rm, ppo_full, tmp_path, m
     diff = engine.stats()
     assert diff["rollout/vllm_logprob_diff_max"] < 1e-4 and diff["rollout/vllm_logprob_diff_mean"] > 0, diff
     again = train_ppo.rollout(policy, ref, value, reward, queries[::-1], row_seeds(3, n=8)[::-1], tok, cfg,
-                              torch.device("cpu"), engine=engine)
+                              torch.device("cpu"), setup["posts"][:8][::-1], engine)
     engine.close()
     assert torch.equal(again["response"].flip(0)[:, :b["response"].shape[1]], b["response"]), \
         "each sample depends on its seed, not on its batch mates or their order"
 
     # kill after update 2's checkpoint, resume
     out = tmp_path / "killed"
-    save = train_ppo.save_checkpoint
+    save = Run.checkpoint
 
-    def save_then_die(path, step, *args, **kwargs):
-        save(path, step, *args, **kwargs)
+    def save_then_die(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)
         if step == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_ppo, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(Run, "checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         ppo_run(setup, out)
     gc.collect()  # the killed run's engine
-    monkeypatch.setattr(train_ppo, "save_checkpoint", save)
+    monkeypatch.setattr(Run, "checkpoint", save)
     assert not (out / "metrics.json").exists()
     ppo_run(setup, out)
     got = rows(out / "metrics.jsonl")

@@ -1,0 +1,513 @@
+"""The run machinery every stage shares, behind one door, so that each script reads like its algorithm.
+
+    run = Run(cfg, "sft", inputs={"dataset": cfg.dataset})   # skip a finished run; torchrun, seeds, threads
+    if run.finished:
+        return run.finished
+    step = run.resume(model=model, optimizer=optimizer)      # what a checkpoint holds; restored if there is one
+    for step in run.steps(step, total_steps):                # the loop (a progress bar on a terminal)
+        ... loss.backward() ...
+        run.sync_grads(model)                                 # gradients summed over the ranks
+        run.log(step + 1, metrics)                            # a short line, a metrics.jsonl row
+        run.checkpoint(step + 1)                              # every --checkpoint-every steps
+    run.save(metrics, model, tokenizer)                      # model, metrics.json, manifest.json
+
+What it guarantees (README "Guarantees", docs/engineering.md):
+- Skip means the same config on the same inputs: a stage is skipped only when its out_dir holds a finished run
+  (metrics.json + manifest.json) of the same config whose inputs (files or model dirs, by content: SHA-256) are
+  unchanged. Otherwise it runs, and says which input changed.
+- A checkpoint is resumed only by the same config on the same inputs. A changed config is refused (rerun with
+  the same flags, or --no-resume); changed inputs start the stage over, saying which.
+- Every rank's RNG state is in the checkpoint, written before rank 0 writes state.pt (a barrier between), so a
+  kill at any moment leaves either the previous complete checkpoint or the new one.
+- An input that another stage is still writing (its run.json is there, its metrics.json not) is refused.
+- One way to train on several ranks: each rank's loss is normalised by global counts, so the gradient of the
+  global batch is the SUM of the ranks' gradients (`sync_grads`); no DDP wrapper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minirlaif.config import UserError, config_dict, config_errors, parse_config
+from minirlaif.data import DataError
+from minirlaif.utils import (append_jsonl, fault_point, read_json, read_jsonl_resumable, save_atomic, sha256_path,
+                             truncate_jsonl, write_json)
+
+# ----------------------------------------------------------------------------------------------------------------
+# torchrun, seeds
+
+
+@dataclasses.dataclass
+class Dist:
+    """Where this process sits in a torchrun job (a plain single process is rank 0 of 1)."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master_process(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (a new tensor); identity in a single process."""
+        return all_reduce(x, self)
+
+
+def setup_dist(device: str = "auto") -> Dist:
+    """Join the torchrun process group if launched by torchrun (nccl on GPU, gloo on CPU)."""
+    want_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if want_cuda else "cpu"))
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group(backend="nccl" if want_cuda else "gloo")
+    dev = torch.device(f"cuda:{local_rank}") if want_cuda else torch.device("cpu")
+    return Dist(rank=rank, local_rank=local_rank, world_size=world, device=dev)
+
+
+def cleanup_dist(dist: Dist) -> None:
+    """Wait for every rank, then leave the process group (unless something left it already: a vLLM rollout
+    engine's shutdown under torchrun destroys the group it joined)."""
+    if dist.ddp and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def all_reduce(x: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """Sum a tensor over ranks (a new tensor); identity in a single process."""
+    if dist.ddp:
+        x = x.clone()
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.SUM)
+    return x
+
+
+def set_seed(seed: int) -> None:
+    """Seed every global RNG a stage may touch (Python, NumPy, torch CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global RNG's state in types torch.load(weights_only=True) reads (no pickled numpy arrays)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' load reports and progress bars (a new reward head is expected, not a warning)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what a run read: inputs by content
+
+
+def fingerprint(path: str) -> dict:
+    """{"path", "sha256"} of an input: the SHA-256 of a file, or of a model or data dir's top-level content files
+    (`utils.sha256_path`: logs and checkpoints left out); sha256 None for a path that is not here (a hub id)."""
+    return {"path": str(path), "sha256": sha256_path(path)}
+
+
+def changed_inputs(saved: dict, current: dict) -> list[str]:
+    """The names of the inputs whose path or content differ between two {name: fingerprint} maps."""
+    names = sorted(set(saved) | set(current))
+    return [n for n in names if (saved.get(n) or {}).get("path") != (current.get(n) or {}).get("path")
+            or (saved.get(n) or {}).get("sha256") != (current.get(n) or {}).get("sha256")]
+
+
+def unfinished_stage(path: str) -> Path | None:
+    """The stage dir an input lies in if that stage started a run there and has not finished it, else None."""
+    p = Path(path)
+    d = p if p.is_dir() else p.parent
+    return d if (d / "run.json").is_file() and not (d / "metrics.json").is_file() else None
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("-dirty" if dirty else "")) or None
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "tokenizers", "datasets", "numpy", "einops", "vllm", "openai"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _plain(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def same_config(a: dict, b: dict, ignore=()) -> list[str]:
+    """The fields on which two config dicts differ (`ignore`d ones left out); [] when they are the same."""
+    a, b = _plain(a), _plain(b)
+    return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+
+
+class Run:
+    """One run of a stage: skip or start, resume, loop, log, checkpoint, save (see the module docstring).
+
+    `inputs` names what the stage reads ({name: path}, recorded in the manifest with its content hash; never the
+    stage's own outputs); `run_control` names config fields that change how a run proceeds, not what it computes
+    (label.py's chunk sizes and --max-posts): an unfinished run may be continued with other values. `partial` are
+    the files of an unfinished run that a fresh start deletes (a trainer's checkpoint; label.py's rows).
+    `out_dir` overrides cfg.out_dir (a stage whose default depends on other flags)."""
+
+    def __init__(self, cfg, name: str, inputs: dict | None = None, run_control=(), partial=None, out_dir=None):
+        _current.append(self)
+        if errors := config_errors(cfg):  # main(cfg) called from code gets the checks parse_config makes
+            raise UserError("\n  ".join([f"{name}: bad config values (one line per field):", *errors]))
+        self.cfg, self.name, self.out_dir = cfg, name, Path(out_dir or cfg.out_dir)
+        self.run_control = ("resume", *run_control)
+        self.partial = partial if partial is not None else ("checkpoint",)  # a trainer's logs: cut back in resume()
+        self.t0, self.step, self.total, self.tracked, self._sinks = time.time(), 0, 0, {}, None
+        self.inputs = {k: fingerprint(str(p)) for k, p in (inputs or {}).items()}
+        self.finished = self._finished(self._read(self.out_dir / "manifest.json"))
+        if self.finished is not None:
+            return
+        for flag, path in (inputs or {}).items():
+            if (d := unfinished_stage(str(path))) is not None:
+                raise UserError(f"{name}: its input {flag} {path} is not finished: the run in {d} started "
+                                f"({d / 'run.json'}) but wrote no metrics.json; rerun that stage first")
+        quiet_transformers()
+        self.dist = setup_dist()
+        self.device, self.master = self.dist.device, self.dist.master_process
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        set_seed(cfg.seed + self.rank)
+        if self.device.type == "cpu" and self.dist.ddp:  # share the cores between the ranks
+            torch.set_num_threads(max(1, torch.get_num_threads() // self.world_size))
+        self.fresh = self._start()
+
+    # -- skip and start --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _read(path: Path) -> dict | None:
+        return read_json(path) if path.is_file() else None
+
+    def _finished(self, manifest: dict | None) -> dict | None:
+        """metrics.json of a finished run of this config on these inputs, else None (and why, when it matters)."""
+        metrics = self._read(self.out_dir / "metrics.json")
+        if not self.cfg.resume or metrics is None or manifest is None or same_config(
+                manifest["config"], config_dict(self.cfg), ("resume",)):  # --no-resume: start over, always
+            return None
+        if changed := changed_inputs(manifest["inputs"], self.inputs):
+            names = ", ".join(f"{c} ({(self.inputs.get(c) or {}).get('path')})" for c in changed)
+            print(f"{self.name}: {self.out_dir} holds a finished run of this config, but its input {names} changed "
+                  f"since; running again")
+            return None
+        print(f"{self.name}: {self.out_dir} already holds a finished run of this config on unchanged inputs; "
+              f"skipping (delete it to rerun)")
+        return metrics
+
+    def _start(self) -> bool:
+        """Record the start (run.json) and decide whether earlier partial outputs may be continued. Returns True
+        when the run starts fresh (no resume, or a run of other inputs was there: its partial files are deleted)."""
+        started = self._read(self.out_dir / "run.json")
+        fresh = not self.cfg.resume or started is None
+        if not fresh:
+            if diff := same_config(started["config"], config_dict(self.cfg), self.run_control):
+                if any((self.out_dir / p).exists() for p in self.partial):
+                    raise UserError(f"{self.name}: {self.out_dir} holds an unfinished run with a different config "
+                                    f"({', '.join(diff)} differ); rerun with the same flags to continue it, with "
+                                    f"--no-resume to start over, or use another --out-dir")
+                fresh = True
+            elif changed := changed_inputs(started["inputs"], self.inputs):
+                print(f"{self.name}: the input {', '.join(changed)} changed since the unfinished run in "
+                      f"{self.out_dir} started; starting over")
+                fresh = True
+        if self.master:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("metrics.json", "manifest.json"):  # a finished run of other settings is finished no more
+                (self.out_dir / name).unlink(missing_ok=True)
+            if fresh:
+                for p in self.partial:
+                    remove(self.out_dir / p)
+            write_json(self.out_dir / "run.json", {"config": config_dict(self.cfg), "inputs": self.inputs,
+                                                   "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        self.barrier()
+        return fresh
+
+    # -- ranks ---------------------------------------------------------------------------------------------
+
+    def barrier(self) -> None:
+        if self.dist.ddp and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def all_reduce(self, x) -> torch.Tensor:
+        """Sum over ranks (numbers become tensors on the run's device)."""
+        return all_reduce(torch.as_tensor(x, dtype=torch.float32, device=self.device) if not torch.is_tensor(x)
+                          else x, self.dist)
+
+    def sync_grads(self, *models) -> None:
+        """Sum every gradient over the ranks. Losses are normalised by global counts (all micro-batches, all
+        ranks), so the sum is the gradient of the global batch: N ranks take the update one process takes."""
+        if self.dist.ddp:
+            for model in models:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+
+    # -- resume and checkpoints ------------------------------------------------------------------------------
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoint"
+
+    def resume(self, **tracked) -> int:
+        """Name what a checkpoint holds (models, optimizers, objects with state_dict, plain dicts of numbers) and
+        restore it from this run's checkpoint when there is one; every rank's RNG state too. Returns the step to
+        continue from (0 for a fresh run). metrics.jsonl and samples.jsonl are cut back to that step."""
+        self.tracked = tracked
+        path = self.ckpt_dir / "state.pt"
+        if not self.fresh and path.is_file():
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            rng = torch.load(self.ckpt_dir / f"rng_rank{self.rank}_step{state['step']}.pt", weights_only=True)
+            set_rng_state(rng["rng"])
+            for key, obj in tracked.items():
+                if obj is None:
+                    continue
+                if isinstance(obj, dict):
+                    obj.update(state[key])
+                else:
+                    obj.load_state_dict(state[key])
+            self.step = state["step"]
+            if self.master:
+                print(f"{self.name}: resumed from {self.ckpt_dir} at step {self.step}")
+        if self.master:
+            truncate_jsonl(self.out_dir / "metrics.jsonl", "step", self.step)
+            truncate_jsonl(self.out_dir / "samples.jsonl", "update", self.step)
+        # every rank continues from rank 0's weights (a model built from a config is initialised from each rank's own
+        # RNG; a DDP wrapper would broadcast them in its constructor)
+        if self.dist.ddp and torch.distributed.is_initialized():
+            for obj in tracked.values():
+                if isinstance(obj, torch.nn.Module):
+                    for t in obj.state_dict().values():
+                        torch.distributed.broadcast(t, src=0)
+        return self.step
+
+    def checkpoint(self, step: int, force: bool = False) -> None:
+        """Every --checkpoint-every steps (never at the last: the saved model supersedes it), save what `resume`
+        was given; a state holding a NaN or an infinity is never saved (the run stops, saying what is on disk).
+
+        Every rank writes its RNG state under a step-tagged name first; after a barrier (every rank's file is on
+        disk) rank 0 writes state.pt, whose presence marks the checkpoint complete. A kill before that leaves the
+        previous state.pt with its own RNG files (the two newest per rank are kept)."""
+        if not force and (step % self.cfg.checkpoint_every or step >= self.total):
+            return
+        state = {k: (dict(v) if isinstance(v, dict) else v.state_dict()) for k, v in self.tracked.items()
+                 if v is not None}
+        if bad := non_finite_tensors(state):
+            self.stop_non_finite(f"values in the state of step {step} ({', '.join(bad[:3])}"
+                                 f"{', ...' if len(bad) > 3 else ''})", step)
+        save_atomic({"step": step, "rng": rng_state()}, self.ckpt_dir / f"rng_rank{self.rank}_step{step}.pt")
+        for old in sorted(self.ckpt_dir.glob(f"rng_rank{self.rank}_step*.pt"),
+                          key=lambda p: int(p.stem.rsplit("step", 1)[1]))[:-2]:
+            old.unlink()
+        fault_point("checkpoint_rng")
+        self.barrier()  # state.pt must never name a step whose RNG file some rank has not written yet
+        if self.master:
+            save_atomic({**state, "step": step}, self.ckpt_dir / "state.pt")
+        fault_point("checkpoint")
+
+    def checkpoint_step(self) -> int | None:
+        path = self.ckpt_dir / "state.pt"
+        if not path.exists():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+
+    def stop_non_finite(self, what: str, step: int):
+        """Stop a run that met a NaN or an infinity, saying truthfully what is on disk (nothing of this step is)."""
+        saved = self.checkpoint_step()
+        where = (f"the checkpoint of step {saved} in {self.ckpt_dir} is intact (the same command resumes from it and "
+                 f"meets the same values again: change the config, e.g. a lower --lr, and use --no-resume)"
+                 if saved is not None else f"no checkpoint was saved before it ({self.ckpt_dir} holds none); a rerun "
+                 f"starts over")
+        raise UserError(f"non-finite {what} at step {step}; stopping without saving it. {where}")
+
+    def check_finite(self, step: int, **values) -> None:
+        """Stop before an optimizer step that a NaN or an infinity would spread into the weights."""
+        values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in values.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            what = " or ".join(f"{k.replace('_', ' ')} ({v:.4g})" for k, v in values.items())
+            self.stop_non_finite(what, step)
+
+    # -- the loop and its log --------------------------------------------------------------------------------
+
+    def steps(self, start: int, total: int):
+        """range(start, total), with a progress bar when stderr is a terminal (a log file gets the log lines only,
+        no carriage-return frames); the current step is what an interruption reports."""
+        self.total = total
+        bar = None
+        if self.master and sys.stderr.isatty():
+            from tqdm import tqdm
+            bar = tqdm(total=total, initial=start, desc=self.name, leave=False)
+        for step in range(start, total):
+            self.step = step
+            yield step
+            if bar is not None:
+                bar.update(1)
+        self.step = total
+        if bar is not None:
+            bar.close()
+
+    def log(self, step: int, metrics: dict, show=()) -> None:
+        """Append {"step", **metrics} to metrics.jsonl and print a short line of the `show` keys (all if empty)."""
+        if not self.master:
+            return
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        append_jsonl(self.out_dir / "metrics.jsonl", [row])
+        if self._sinks is None:  # optional extras, imported only when asked for
+            self._sinks = []
+            if getattr(self.cfg, "wandb_project", ""):
+                import wandb
+                self._sinks.append(wandb.init(project=self.cfg.wandb_project, name=self.name,
+                                              config=config_dict(self.cfg)).log)
+            if getattr(self.cfg, "tensorboard", False):
+                from torch.utils.tensorboard import SummaryWriter
+                tb = SummaryWriter(str(self.out_dir / "tb"))
+                self._sinks.append(lambda r, step: [tb.add_scalar(k, v, step) for k, v in r.items()])
+        for sink in self._sinks:
+            sink(row, step=step)
+        keys = [k for k in (show or metrics) if k in row]
+        line = f"{self.name} {step:>5d}/{self.total} | " + " | ".join(f"{k.split('/')[-1]} {_fmt(row[k])}"
+                                                                         for k in keys)
+        print(line, flush=True)
+
+    def rows(self) -> list[dict]:
+        """Every metrics.jsonl row on disk (a resumed run's earlier rows too)."""
+        return read_jsonl_resumable(self.out_dir / "metrics.jsonl")
+
+    # -- the end ---------------------------------------------------------------------------------------------
+
+    def save(self, metrics: dict, model=None, tokenizer=None, headline=(), **manifest_extra) -> dict:
+        """Rank 0 writes the model (save_pretrained: safetensors that transformers and vLLM load), metrics.json and
+        manifest.json (config, inputs with their hashes, git commit, package versions, argv), then removes the
+        checkpoint the model supersedes. Prints a one-line summary of the `headline` metrics. Leaves torchrun."""
+        if self.master:
+            if model is not None:
+                model.save_pretrained(self.out_dir)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(self.out_dir)
+            write_json(self.out_dir / "metrics.json", metrics)
+            write_json(self.out_dir / "manifest.json", {
+                "config": config_dict(self.cfg), "seed": getattr(self.cfg, "seed", None), "git_commit": git_commit(),
+                "inputs": self.inputs, "packages": package_versions(), "argv": sys.argv,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **manifest_extra})
+            remove(self.ckpt_dir)
+            numbers = ", ".join(f"{k} {_fmt(metrics[k])}" for k in headline if isinstance(metrics.get(k), (int, float)))
+            print(f"=== {self.name} finished in {time.time() - self.t0:.0f} s"
+                  f"{': ' + numbers if numbers else ''} ({self.out_dir})", flush=True)
+        self.close()
+        return metrics
+
+    def close(self) -> None:
+        cleanup_dist(self.dist)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a directory of files (a checkpoint), if it is there."""
+    if path.is_dir():
+        for f in path.glob("*"):
+            f.unlink()
+        path.rmdir()
+    else:
+        path.unlink(missing_ok=True)
+
+
+def non_finite_tensors(obj, prefix: str = "") -> list[str]:
+    """Names (dotted paths) of the floating-point tensors in a nested state that hold a NaN or an infinity."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix or "tensor"] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [name for k, v in items for name in non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command line: a user's mistake is one line, Ctrl-C says how to resume
+
+
+_current: list[Run] = []  # the stage's Run, for the interruption message
+
+
+def cli(main, config_cls, presets: dict, argv: list[str] | None = None, renamed: dict | None = None) -> None:
+    """Parse the flags and run `main(cfg)`. A user's mistake (a bad flag, a missing or wrong path, a bad row of a
+    file: UserError, DataError) is printed as its message, without a traceback, exit 1; Ctrl-C says where the run
+    stopped and that the same command resumes it (exit 130). `--debug` (or MINIRLAIF_DEBUG=1) shows tracebacks.
+    A bug (any other exception) keeps its traceback. `renamed` maps old flag names to new ones (with a warning)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for old, new in (renamed or {}).items():
+        for i, a in enumerate(argv):
+            if a.split("=")[0] == old:
+                print(f"{Path(sys.argv[0]).name}: {old} is deprecated; use {new}", file=sys.stderr)
+                argv[i] = new + a[len(old):]
+    debug = "--debug" in argv or os.environ.get("MINIRLAIF_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        main(parse_config(config_cls, presets, argv))
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        run = _current[-1] if _current else None
+        where = f" at step {run.step} of {run.total}" if run is not None and run.total else ""
+        print(f"\ninterrupted{where}; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    except (UserError, DataError) as e:
+        if debug:
+            raise
+        print(f"{Path(sys.argv[0]).name}: {e}" if isinstance(e, DataError) else e, file=sys.stderr)
+        sys.exit(1)
