@@ -1,42 +1,30 @@
 """Stage 4, RL: fine-tune the SFT policy to maximise the reward, with a KL penalty to the SFT policy.
 
-One update, in the numbered steps of main() (README "Read in this order"; docs/algorithms.md explains each):
-  1. models: the policy and a frozen reference from the SFT checkpoint, the frozen reward (the RM, or with
-     --reward direct a labeler's 1-10 rating: d-RLAIF), and for the estimators with a learned baseline a value
-     model from the RM; dropout off everywhere, so old and new log-probs agree exactly at ratio 1;
-  2. rollout: sample up to `response_length` tokens per left-padded query at `temperature` with a KV cache,
-     stopping once every row has emitted EOS; the old log-probs are those of the sampling logits (no second policy
-     pass; with --rollout-backend vllm a vLLM engine samples and the policy recomputes them); reference log-probs
-     and values from one forward pass each, on the same temperature-scaled logits;
-  3. score: the reward of query + response (the RM reads its last real token, the EOS when there is one); a
-     response without EOS gets `missing_eos_penalty` subtracted; an episode the labeler cannot rate leaves the
-     update with its group, counted;
-  4. KL rewards: per token -kl_coef * KL_t (k1, k2 or k3), the score added on the last valid response token;
-  5. advantages: the `--algo` estimator (ESTIMATORS below: GAE with a value model, the paper's REINFORCE, RLOO,
-     GRPO, REINFORCE++, Dr. GRPO), then (for most) whitened over every valid token of the global batch;
-  6. update: `ppo_epochs` passes over the batch in mini-batches of micro-batches: the clipped policy loss, then
-     (with a value model) vf_coef * the clipped value loss, each normalised by the mini-batch's valid tokens
-     over all ranks; gradients summed over ranks, clipped per model; AdamW; linear learning-rate decay;
-  7. KL controller: a fixed coefficient, or the adaptive one updated with the measured KL.
-The math is in `minirlaif/losses.py`; the run machinery (torchrun, checkpoints, logs) in `minirlaif/run.py`.
+One update, in main()'s numbered steps (docs/algorithms.md explains each, with the sources):
+  1. models: the policy and a frozen reference from SFT; the frozen reward (the RM, or with --reward direct a
+     labeler's 1-10 rating: d-RLAIF); a value model from the RM for the estimators with a learned baseline;
+  2. rollout: sample up to `response_length` tokens per query at `temperature`, stopping once every row has
+     emitted EOS; old and reference log-probs (and values) on the same temperature-scaled logits;
+  3. score: the reward of query + response; `missing_eos_penalty` off a response without EOS; an episode the
+     labeler cannot rate leaves the update with its group, counted;
+  4. KL rewards: per token -kl_coef * KL_t, the score added on the last valid token (the EOS itself);
+  5. advantages: the `--algo` estimator (ESTIMATORS), then whitened over every valid token of the global batch;
+  6. update: `ppo_epochs` passes in mini-batches of micro-batches, the clipped policy loss and vf_coef * the clipped
+     value loss, normalised by the mini-batch's valid tokens over all ranks; clipping, AdamW, linear lr decay;
+  7. KL controller: fixed, or adaptive on the measured KL.
+The math is in minirlaif/losses.py, the run machinery (torchrun, checkpoints, logs) in minirlaif/run.py.
 
-Deliberate deviations from TRL 0.13's PPOTrainer: old log-probs from sampling (one forward pass saved), the head
-applied only to response positions, the score on the EOS itself (TRL: one slot later, on padding), losses
-normalised over the mini-batch rather than averaged per micro-batch. The paper's REINFORCE maximises
-(1 - beta) r - beta KL: that is r - kl_coef KL with kl_coef = beta / (1 - beta), times (1 - beta), a scale that
-advantage whitening removes. The group estimators keep the KL in the reward (as TRL's RLOO), not in the loss (as
-GRPO's paper).
+Deliberate deviations from TRL 0.13's PPOTrainer: old log-probs from sampling (one forward pass saved), the score
+on the EOS (TRL: one slot later), losses normalised over the mini-batch (TRL: per micro-batch). The paper's
+REINFORCE maximises (1 - beta) r - beta KL, our r - kl_coef KL at kl_coef = beta / (1 - beta) up to a scale that
+whitening removes. The group estimators keep the KL in the reward (as TRL's RLOO), not in the loss (GRPO's paper).
 
 Commands:
-  CPU, tiny (default):  python train_ppo.py            (fp32; add --bf16 on a CPU with AVX512-BF16/AMX: ~1.7x)
+  CPU, tiny (default):  python train_ppo.py            (fp32; --bf16 on a CPU with AVX512-BF16/AMX: ~1.7x)
   RLHF baseline:        python train_ppo.py --rm-path runs/tiny/rm_human --out-dir runs/tiny/ppo_rlhf
-  other estimators:     python train_ppo.py --algo rloo --out-dir runs/tiny/rloo  (reinforce, grpo, reinforce++,
-                        dr-grpo)
-  d-RLAIF:              python train_ppo.py --reward direct --out-dir runs/tiny/direct        (rule labeler;
-                        --labeler hf|vllm --judge-model M, or --labeler openai --api-model M)
-  1 GPU:                python train_ppo.py --preset gpt2-large
-  torchrun:             torchrun --nproc_per_node 4 train_ppo.py --preset gpt2-large
-  vLLM rollouts:        python train_ppo.py --rollout-backend vllm   (one engine per rank under torchrun)
+  other estimators:     python train_ppo.py --algo rloo --out-dir runs/tiny/rloo   (any of ESTIMATORS), or d-RLAIF:
+                        python train_ppo.py --reward direct --out-dir runs/tiny/direct  (--labeler rule|hf|vllm|openai)
+  GPUs:                 [torchrun --nproc_per_node 4] train_ppo.py --preset gpt2-large [--rollout-backend vllm]
 """
 
 from __future__ import annotations
@@ -51,7 +39,7 @@ import torch.nn.functional as F
 from minirlaif import synthetic
 from minirlaif.config import Between, Choice, NonNegative, Positive, PositiveOrAll, require
 from minirlaif.data import build_query, load_posts
-from minirlaif.generation import decode_summary, row_seeds, rollout_engine
+from minirlaif.generation import row_seeds, rollout_engine
 from minirlaif.labelers import LabelerConfig, make_labeler
 from minirlaif.losses import (AdaptiveKLController, FixedKLController, dr_grpo_advantages, entropy_from_logits,
                               explained_variance, gae, grpo_advantages, kl_penalty, logprobs_from_logits, masked_mean,
@@ -59,15 +47,15 @@ from minirlaif.losses import (AdaptiveKLController, FixedKLController, dr_grpo_a
                               rloo_advantages)
 from minirlaif.models import (check_model, disable_dropout, last_index, load_causal_lm, load_scalar_model,
                               load_tokenizer, pad_batch, response_logits, set_attention, token_scores)
-from minirlaif.reward import LabelerReward, RMReward
-from minirlaif.run import Run, cli
-from minirlaif.utils import append_jsonl, autocast, batch_indices, first_last, linear_lr
+from minirlaif.reward import LabelerReward, RMReward, leave_out_unscored, write_samples
+from minirlaif.run import Run, RunConfig, cli
+from minirlaif.utils import autocast, batch_indices, first_last, linear_lr
 
 
 @dataclass
 class Estimator:
     """One --algo: how advantages are estimated and what that needs."""
-    advantages: Callable  # (rewards, values, mask, k, cfg) -> (advantages, returns or None), all (B, R)
+    advantages: Callable  # (rewards, values, mask, k, cfg) -> (advantages, returns or None), each (B, R)
     value_model: bool     # learns a baseline V(s): a value model is loaded, trained and checkpointed
     k: int                # samples per query when --samples-per-query is -1
     min_k: int = 1        # the group estimators compare the k samples of one query
@@ -75,31 +63,28 @@ class Estimator:
     token_mean: bool = True  # loss / the mini-batch's valid tokens; False: / (its sequences * response_length)
 
 
-# step 5's estimators: adding one is a function in losses.py and a line here
+# step 5: adding an estimator is a function in losses.py and a line here
 ESTIMATORS = {
     "ppo": Estimator(lambda r, v, m, k, cfg: gae(r, v, m, cfg.gamma, cfg.lam), value_model=True, k=1),
     "reinforce": Estimator(lambda r, v, m, k, cfg: reinforce_advantages(r, v, m), value_model=True, k=1),
     "rloo": Estimator(lambda r, v, m, k, cfg: (rloo_advantages(r, m, k), None), value_model=False, k=4, min_k=2),
     "grpo": Estimator(lambda r, v, m, k, cfg: (grpo_advantages(r, m, k), None), value_model=False, k=4, min_k=2),
-    "reinforce++": Estimator(lambda r, v, m, k, cfg: (reward_to_go(r, m, cfg.gamma), None), value_model=False,
-                             k=1),
-    # Dr. GRPO: no std division (so no whitening either), each response's token sum over a constant length
+    "reinforce++": Estimator(lambda r, v, m, k, cfg: (reward_to_go(r, m, cfg.gamma), None), value_model=False, k=1),
+    # Dr. GRPO divides by no std (so it is not whitened either) and sums each response's tokens over a constant
     "dr-grpo": Estimator(lambda r, v, m, k, cfg: (dr_grpo_advantages(r, m, k), None), value_model=False, k=4,
                          min_k=2, whiten=False, token_mean=False),
 }
 
 
 @dataclass
-class Config(LabelerConfig):  # --labeler and its settings (d-RLAIF's rater) come from labelers.LabelerConfig
+class Config(LabelerConfig, RunConfig):  # inherited: --labeler and its settings (d-RLAIF's rater), the run settings
     # run
     preset: str = "tiny"
-    """tiny: synthetic task on CPU; gpt2-large: the seed's settings"""
+    """tiny: synthetic task on CPU; micro: a smoke run; smol: SmolLM2-135M; gpt2-large: the seed's settings"""
     out_dir: str = "runs/{preset}/ppo"
-    """where the policy, metrics.json(l), samples.jsonl, manifest.json and the checkpoint go"""
+    """the policy, metrics.json(l), samples.jsonl, manifest.json and the checkpoint go here"""
     seed: int = 1
     """seeds sampling, data order and every RNG"""
-    resume: bool = True
-    """continue from out_dir's checkpoint when there is one (--no-resume starts over)"""
     # inputs
     task_dir: str = "runs/{preset}/data"
     """tiny: where the synthetic task's files are written (if missing); empty for real data"""
@@ -108,23 +93,21 @@ class Config(LabelerConfig):  # --labeler and its settings (d-RLAIF's rater) com
     rm_path: str = "runs/{preset}/rm"
     """frozen reward model"""
     value_path: str = ""
-    """initial value model of an estimator with a value model: a reward model (head included), or a causal LM (a
-    new head seeded by --seed); empty: the reward model (--reward direct: the SFT model, with a new head)"""
+    """initial value model: an RM, or a causal LM (a new head seeded by --seed); empty: the RM (d-RLAIF: SFT)"""
     dataset: str = "runs/{preset}/data/sft"
-    """queries: hub id or local file/dir in any supported schema (prompt-only jsonl rows too)"""
+    """queries: hub id or local file/dir in any supported schema (prompt-only rows too)"""
     split: str = "train"
-    """split of the dataset to draw queries from"""
+    """split of the dataset the queries come from"""
     max_query_tokens: Positive[int] = 200
     """queries longer than this are cut at the post's last newline"""
-    # algorithm
+    # algorithm and reward
     algo: Choice(*ESTIMATORS) = "ppo"
-    """advantage estimator: ppo (GAE + value model), reinforce (sequence return - learned baseline V(x), the
-    paper's), rloo (leave-one-out mean of the query's other samples), grpo (group-normalised), reinforce++ (the
-    reward-to-go, globally whitened), dr-grpo (group mean baseline, constant length normaliser); the last four load
-    no value model"""
+    """advantage estimator (train_ppo.ESTIMATORS); rloo, grpo, reinforce++ and dr-grpo train no value model"""
     samples_per_query: PositiveOrAll[int] = -1
-    """k responses sampled per query, in one rank's consecutive rows; -1: the estimator's (1, or 4 for the group
-    estimators rloo, grpo and dr-grpo, which need k >= 2)"""
+    """k responses per query, in one rank's consecutive rows; -1: the estimator's (4 for rloo, grpo, dr-grpo)"""
+    reward: Choice("rm", "direct") = "rm"
+    """rm: the reward model's score; direct: d-RLAIF, the labeler's expected 1-10 rating rescaled to [-1, 1]"""
+    rule_noise: NonNegative[float] = 1.0  # d-RLAIF's rule labeler is as noisy as label.py's
     # batch sizes
     total_episodes: Positive[int] = 1024
     """episodes (sampled responses) to train on"""
@@ -136,11 +119,6 @@ class Config(LabelerConfig):  # --labeler and its settings (d-RLAIF's rater) com
     """sequences per forward/backward pass on one rank"""
     rollout_batch_size: PositiveOrAll[int] = -1
     """sequences per generation + scoring chunk on one rank; -1: the rank's whole batch at once"""
-    rollout_backend: Choice("hf", "vllm") = "hf"
-    """hf: the shared KV-cache sampler; vllm: a vLLM engine per rank, synced with the policy before every rollout
-    (old log-probs recomputed by the policy)"""
-    rollout_gpu_memory_utilization: Between(0.01, 1) = 0.3
-    """--rollout-backend vllm on a GPU: the share of its memory the engine may take (the trainer needs the rest)"""
     ppo_epochs: Positive[int] = 4
     """passes over each batch (1: on-policy, the ratio stays 1)"""
     # sampling
@@ -148,25 +126,24 @@ class Config(LabelerConfig):  # --labeler and its settings (d-RLAIF's rater) com
     """max new tokens per response"""
     temperature: Positive[float] = 0.7
     """sampling temperature; every log-prob is computed on logits / temperature"""
+    rollout_backend: Choice("hf", "vllm") = "hf"
+    """hf: the shared KV-cache sampler; vllm: a vLLM engine per rank, synced before every rollout"""
+    rollout_gpu_memory_utilization: Between(0.01, 1) = 0.3
+    """--rollout-backend vllm on a GPU: the share of its memory the engine may take (the trainer needs the rest)"""
     # KL
     kl_coef: NonNegative[float] = 0.05
     """initial KL coefficient (beta)"""
     kl_estimator: Choice("k1", "k2", "k3") = "k1"
     """per-token KL estimator in the reward: k1 (logp - ref), k2 ((logp - ref)^2 / 2) or k3"""
     kl_target: NonNegative[float] = 0.0
-    """target KL for the adaptive controller; 0: fixed kl_coef"""
+    """target KL of the adaptive controller; 0: a fixed kl_coef"""
     kl_horizon: Positive[int] = 10000
     """adaptive controller horizon in episodes"""
-    # reward
-    reward: Choice("rm", "direct") = "rm"
-    """rm: the reward model's score; direct: d-RLAIF, the labeler's expected 1-10 rating rescaled to [-1, 1] (no
-    reward model; --labeler rule|hf|vllm|openai and its settings below; vllm: one process only)"""
-    rule_noise: NonNegative[float] = 1.0  # d-RLAIF's rule labeler is as noisy as label.py's
+    # rewards, advantages and clipping
     missing_eos_penalty: float = 1.0
     """subtracted from the score of a response that never emits EOS"""
     whiten_rewards: bool = False
     """whiten the per-token rewards (scale only) before the advantage estimator"""
-    # advantages and clipping
     gamma: Between(0, 1) = 1.0
     """discount (ppo's GAE, reinforce++'s reward-to-go)"""
     lam: Between(0, 1) = 0.95
@@ -174,31 +151,23 @@ class Config(LabelerConfig):  # --labeler and its settings (d-RLAIF's rater) com
     cliprange: Positive[float] = 0.2
     """policy ratio clip"""
     cliprange_value: Positive[float] = 0.2
-    """value clip around the rollout's values (estimators with a value model)"""
+    """value clip around the rollout's values"""
     vf_coef: NonNegative[float] = 0.1
-    """value loss weight (estimators with a value model)"""
+    """value loss weight"""
     # optimiser
     lr: Positive[float] = 3e-4
     """policy learning rate (linear decay to 0)"""
     value_lr: PositiveOrAll[float] = -1.0
-    """value model learning rate; -1: same as lr"""
+    """value model learning rate; -1: the same as lr"""
     weight_decay: NonNegative[float] = 0.0
     """AdamW weight decay"""
     grad_clip: Positive[float] = 1.0
     """max gradient norm, per model"""
-    # precision, logging, checkpoints
-    bf16: bool = False
-    """bf16 autocast, on GPU or CPU (the CPU presets run fp32; CPU bf16 pays only with AVX512-BF16/AMX)"""
+    # samples
     sample_every: Positive[int] = 5
     """updates between rows of samples.jsonl"""
     n_samples: NonNegative[int] = 4
     """samples per row group in samples.jsonl"""
-    checkpoint_every: Positive[int] = 10
-    """updates between resumable checkpoints"""
-    wandb_project: str = ""
-    """log to this wandb project (optional)"""
-    tensorboard: bool = False
-    """also log to tensorboard (optional)"""
 
 
 PRESETS = {
@@ -206,10 +175,9 @@ PRESETS = {
                   n_samples=2, checkpoint_every=1),
     "smol": dict(max_query_tokens=160, total_episodes=16, batch_size=8, micro_batch_size=4, response_length=24,
                  ppo_epochs=2, lr=2e-6, sample_every=1, checkpoint_every=1),
-    "gpt2-large": dict(task_dir="", dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered",
-                       max_query_tokens=512, total_episodes=912 * 128, batch_size=128, micro_batch_size=8,
-                       response_length=128, lr=1e-5, sample_every=20, checkpoint_every=50,
-                       bf16=True),
+    "gpt2-large": dict(task_dir="", dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered", max_query_tokens=512,
+                       total_episodes=912 * 128, batch_size=128, micro_batch_size=8, response_length=128, lr=1e-5,
+                       sample_every=20, checkpoint_every=50, bf16=True),
 }
 
 
@@ -217,20 +185,19 @@ PRESETS = {
 # steps 1-5: models, rollout, scores, KL rewards, advantages
 
 
-def load_models(cfg: Config, tokenizer, device):
+def load_models(cfg: Config, tokenizer, device, value_path: str):
     """Step 1: policy, frozen reference, frozen reward, and the value model (None for a value-free estimator)."""
+    # dropout off everywhere: the same weights give the same log-probs, so the first PPO ratio is exactly 1
     policy = disable_dropout(load_causal_lm(cfg.sft_path)).to(device).train()
     ref_policy = disable_dropout(load_causal_lm(cfg.sft_path)).to(device).eval().requires_grad_(False)
-    rm, value_model = None, None
+    rm = value_model = None
     if cfg.reward == "rm":
-        rm = load_scalar_model(cfg.rm_path, pad_token_id=tokenizer.pad_token_id)
-        rm = disable_dropout(rm).to(device).eval().requires_grad_(False)
-        reward = RMReward(rm, tokenizer)
+        rm = disable_dropout(load_scalar_model(cfg.rm_path, pad_token_id=tokenizer.pad_token_id))
+        reward = RMReward(rm.to(device).eval().requires_grad_(False), tokenizer)
     else:  # d-RLAIF: the labeler's ratings are the reward
         reward = LabelerReward(make_labeler(cfg, cfg.seed), tokenizer)
-    if ESTIMATORS[cfg.algo].value_model:
-        # a value model started from a causal LM gets a new head seeded by cfg.seed, the same on every rank
-        value_model = load_scalar_model(value_init(cfg), pad_token_id=tokenizer.pad_token_id, head_seed=cfg.seed)
+    if ESTIMATORS[cfg.algo].value_model:  # a new head (from a causal LM) is seeded by --seed: the same on every rank
+        value_model = load_scalar_model(value_path, pad_token_id=tokenizer.pad_token_id, head_seed=cfg.seed)
         value_model = disable_dropout(value_model).to(device).train()
     for model in (policy, ref_policy, value_model, rm):
         if model is not None:
@@ -238,21 +205,33 @@ def load_models(cfg: Config, tokenizer, device):
     return policy, ref_policy, value_model, reward
 
 
-def value_init(cfg: Config) -> str:
-    """The value model starts from the RM (head included); d-RLAIF has no RM: from SFT with a new head (the paper)."""
-    return cfg.value_path or (cfg.rm_path if cfg.reward == "rm" else cfg.sft_path)
+def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
+    """(samples per query k, updates), once the batch is checked to split into groups, mini- and micro-batches."""
+    est, local_batch = ESTIMATORS[cfg.algo], cfg.batch_size // world_size
+    k = cfg.samples_per_query if cfg.samples_per_query > 0 else est.k
+    require(k >= est.min_k, f"--algo {cfg.algo} compares samples of a query: --samples-per-query must be >= "
+                            f"{est.min_k}, got {k}")
+    require(cfg.batch_size % (k * world_size) == 0, f"--batch-size {cfg.batch_size} must split into whole groups of "
+            f"--samples-per-query {k} on each of the {world_size} rank(s)")
+    require(local_batch % (cfg.mini_batches * cfg.micro_batch_size) == 0, f"each rank's batch ({local_batch} of "
+            f"--batch-size {cfg.batch_size}) must split into --mini-batches {cfg.mini_batches} of whole "
+            f"--micro-batch-size {cfg.micro_batch_size} micro-batches")
+    require(cfg.total_episodes >= cfg.batch_size, f"--total-episodes {cfg.total_episodes} must be at least one "
+            f"--batch-size")
+    require(cfg.reward == "rm" or cfg.labeler != "vllm" or world_size == 1,
+            "--reward direct --labeler vllm runs in one process (one engine); under torchrun rate with hf or openai")
+    return k, cfg.total_episodes // cfg.batch_size
 
 
 def episode_layout(update: int, n_queries: int, k: int, cfg: Config, dist) -> tuple[list[int], list[int]]:
     """This rank's (query index, sampling seed) per row of update `update`'s global batch.
 
-    The global batch holds batch_size / k queries, each sampled k times in consecutive rows (a group); ranks take
-    whole groups (group g goes to rank g % world_size), so the group estimators see every sample of a query on one
-    rank. Each row's seed depends only on (seed, update, its place in the global batch), on any number of ranks;
-    with k = 1 this is the plain strided split of the batch over the ranks.
+    batch_size / k queries, each sampled k times in consecutive rows (a group); group g goes to rank g % world_size,
+    so a group estimator sees all of a query's samples on one rank. A row's seed depends only on (seed, update, its
+    place in the global batch): any number of ranks samples what one process samples.
     """
     n_groups = cfg.batch_size // k
-    queries = batch_indices(update, n_queries, n_groups, cfg.seed)  # (n_groups,)
+    queries = batch_indices(update, n_queries, n_groups, cfg.seed)  # (n_groups,): a seeded epoch permutation
     seeds = row_seeds(cfg.seed, update, n=cfg.batch_size)  # (batch_size,), row g * k + j: sample j of group g
     mine = range(dist.rank, n_groups, dist.world_size)
     return [queries[g] for g in mine for _ in range(k)], [seeds[g * k + j] for g in mine for j in range(k)]
@@ -269,185 +248,142 @@ def response_values(value_model, ids, mask, n_response: int) -> torch.Tensor:
 
 @torch.no_grad()
 def rollout(policy, ref_policy, value_model, reward, queries: list[list[int]], seeds: list[int], tokenizer,
-            cfg: Config, device, posts=None, engine=None) -> dict:
-    """Steps 2-3: sample responses with `engine` (the rollout backend), score them; the tensors the update needs,
-    all (B, R) unless noted. `value_model` is None for a value-free estimator: then the batch has no "values"."""
+            cfg: Config, device, posts, engine) -> dict:
+    """Steps 2-3: sample responses with `engine` (the rollout backend) and score them. Returns the tensors the
+    update needs, (B, R) unless noted; "values" only with a value model."""
     q_ids, q_mask = (t.to(device) for t in pad_batch(queries, tokenizer.pad_token_id, side="left"))  # (B, Q)
-    out = {"query": [], "query_mask": [], "response": [], "response_mask": [], "logprobs": [], "ref_logprobs": [],
-           "scores": []}
-    if value_model is not None:
-        out["values"] = []
+    out = {k: [] for k in ("query", "query_mask", "response", "response_mask", "logprobs", "ref_logprobs", "scores",
+                           *(("values",) if value_model is not None else ()))}
     chunk = cfg.rollout_batch_size if cfg.rollout_batch_size > 0 else len(queries)
     for i in range(0, len(queries), chunk):
         q, qm = q_ids[i: i + chunk], q_mask[i: i + chunk]
         with autocast(device, cfg.bf16):
-            # 2. sample; generation stops once every row has emitted EOS, and pads after each row's first EOS, so
-            # the response mask comes from EOS positions, never from comparing ids with the pad id
+            # 2. sample; it stops once every row has emitted EOS and pads after each row's first EOS: the response
+            # mask comes from EOS positions, never from comparing ids with the pad id. Its log-probs are the old ones
             gen = engine.generate(policy, q, qm, cfg.response_length, tokenizer.eos_token_id, tokenizer.pad_token_id,
                                   cfg.temperature, seeds[i: i + chunk])
             ids, mask = torch.cat([q, gen.tokens], 1), torch.cat([qm, gen.mask], 1)  # (b, Q + R)
             R = gen.tokens.shape[1]
-            # the reference's log-probs on the same temperature-scaled logits as the sampler's: else the KL at the
-            # first update would not be 0, and it would measure the distance to another policy
+            # the reference on the same temperature-scaled logits as the sampler: else the first KL would not be 0,
+            # and it would measure the distance to another policy (N+ details, TRL)
             ref_logprobs = logprobs_from_logits(response_logits(ref_policy, ids, mask, R), gen.tokens,
                                                 cfg.temperature)
             per_token = {"response_mask": gen.mask, "logprobs": gen.logprobs, "ref_logprobs": ref_logprobs * gen.mask}
             if value_model is not None:
                 per_token["values"] = response_values(value_model, ids, mask, R) * gen.mask
             # 3. score the truncated query + response: NaN where a labeler could not (never a made-up reward)
-            scores = reward(ids, mask, R, posts and posts[i: i + chunk])  # (b,)
-        # pad each chunk's responses to response_length so that the chunks stack
-        pad = (0, cfg.response_length - R)
+            scores = reward(ids, mask, R, posts[i: i + chunk])  # (b,)
+        pad = (0, cfg.response_length - R)  # each chunk's responses padded to response_length, so that chunks stack
         out["response"].append(F.pad(gen.tokens, pad, value=tokenizer.pad_token_id))
         for key, v in per_token.items():
             out[key].append(F.pad(v, pad))
         for key, v in (("query", q), ("query_mask", qm), ("scores", scores)):
             out[key].append(v)
     batch = {key: torch.cat(v) for key, v in out.items()}
-    has_eos = ((batch["response"] == tokenizer.eos_token_id) & batch["response_mask"].bool()).any(1)  # (B,)
-    batch["has_eos"] = has_eos
+    batch["has_eos"] = ((batch["response"] == tokenizer.eos_token_id) & batch["response_mask"].bool()).any(1)  # (B,)
     batch["raw_scores"] = batch["scores"]
     # the N+ details' "EOS trick", as TRL's missing_eos_penalty: a response cut at response_length scores lower
-    batch["scores"] = batch["scores"] - cfg.missing_eos_penalty * (~has_eos).float()
+    batch["scores"] = batch["scores"] - cfg.missing_eos_penalty * (~batch["has_eos"]).float()
     return batch
-
-
-def leave_out_unscored(batch: dict, k: int) -> int:
-    """Episodes the labeler could not rate leave the update, with the rest of their group (the group estimators
-    compare all k): their response mask becomes 0, so they add nothing to any loss, advantage or statistic, and
-    their score 0; batch["kept"] (B,) marks the others (the logged per-episode means are over them). Returns how
-    many were left out on this rank."""
-    out = (~torch.isfinite(batch["scores"])).view(-1, k).any(1).repeat_interleave(k)  # (B,)
-    batch["kept"] = ~out
-    if out.any():
-        batch["response_mask"][out] = 0
-        for key in ("scores", "raw_scores"):
-            batch[key] = torch.where(out, torch.zeros_like(batch[key]), batch[key])
-    return int(out.sum())
 
 
 @torch.no_grad()
 def kl_rewards_and_advantages(batch: dict, kl_coef: float, k: int, cfg: Config, dist) -> dict:
     """Steps 4-5: per-token rewards with the KL penalty, the estimator's advantages (whitened) and returns.
 
-        token:     r_0      r_1      ...  r_last (EOS)   pad
+        token:     r_0      r_1      ...  r_last (EOS)        pad
         reward:   -b KL_0  -b KL_1   ...  -b KL_last + score   0
     """
     mask = batch["response_mask"]
-    # 4. the KL penalty the reward uses (logged as objective/kl: the quantity the objective holds), and the score
-    # on the last valid token: the EOS itself, so the response mask is the only mask (TRL puts it one slot later)
+    # 4. the KL the reward uses (and objective/kl logs), and the score on the last valid token: the EOS itself, so
+    # the response mask is the only mask (TRL and the N+ details put it one slot later, on padding)
     kl = kl_penalty(batch["logprobs"], batch["ref_logprobs"], cfg.kl_estimator) * mask  # (B, R)
     rewards = -kl_coef * kl  # (B, R)
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    rewards[rows, last_index(mask)] += batch["scores"]
+    rewards[torch.arange(mask.shape[0], device=mask.device), last_index(mask)] += batch["scores"]
     # 5. advantages; whitening's mean and variance are over every rank's valid tokens, so N ranks whiten like one
     est = ESTIMATORS[cfg.algo]
-    if cfg.whiten_rewards:
+    if cfg.whiten_rewards:  # scale only: the mean reward is kept (OpenAI, TRL)
         rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=dist.all_reduce)
     advantages, returns = est.advantages(rewards, batch.get("values"), mask, k, cfg)
-    if est.whiten:
+    if est.whiten:  # returns are not whitened: the value model learns the returns' own scale
         advantages = masked_whiten(advantages, mask, all_reduce=dist.all_reduce)
-    out = {**batch, "kl": kl, "rewards": rewards, "advantages": advantages}
-    if returns is not None:
-        out["returns"] = returns
-    return out
+    return {**batch, "kl": kl, "rewards": rewards, "advantages": advantages,
+            **({"returns": returns} if returns is not None else {})}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # step 6: the update
 
 
-# what the update reads from a rollout batch ("values" and "returns" only with a value model)
 UPDATE_KEYS = ("query", "query_mask", "response", "response_mask", "logprobs", "values", "advantages", "returns")
 
 
 def trim(mb: dict) -> dict:
-    """Drop columns that are padding in every row of a micro-batch: fewer positions, the same numbers.
-
-    Queries are left-padded and responses right-padded, and positions come from the mask, so cutting all-padding
-    columns on those sides changes nothing but the cost.
-    """
+    """Drop the columns that are padding in every row of a micro-batch: fewer positions, the same numbers (queries
+    are left-padded, responses right-padded, and positions come from the mask)."""
     q0 = int(mb["query_mask"].any(0).int().argmax())  # first column holding a real query token
     r1 = int(mb["response_mask"].any(0).sum())  # response columns holding a real token form a prefix
     return {k: v[:, q0:] if k.startswith("query") else v[:, :r1] for k, v in mb.items()}
 
 
-def forward_inputs(mb: dict):
-    """A micro-batch's query + response ids and mask, (b, Q + R), and its response length R."""
-    ids = torch.cat([mb["query"], mb["response"]], 1)
-    mask = torch.cat([mb["query_mask"], mb["response_mask"]], 1)
-    return ids, mask, mb["response"].shape[1]
-
-
-def policy_loss(policy, mb: dict, num_valid, cfg: Config, device, stats: dict) -> torch.Tensor:
-    """Step 6, policy half, on one (trimmed) micro-batch: its share of the mini-batch's clipped policy loss.
-
-    `num_valid` = the mini-batch's valid tokens over all ranks, so the shares sum to the mini-batch mean.
-    The loss's statistics are added to `stats`.
-    """
-    ids, mask, R = forward_inputs(mb)
+def policy_loss(policy, mb: dict, num_valid, cfg: Config, device) -> tuple[torch.Tensor, dict]:
+    """Step 6, policy half, on one (trimmed) micro-batch: its share of the mini-batch's clipped policy loss (the
+    shares over micro-batches sum to the mean: `num_valid` counts the whole mini-batch), and its statistics."""
+    ids, mask = torch.cat([mb["query"], mb["response"]], 1), torch.cat([mb["query_mask"], mb["response_mask"]], 1)
     m = mb["response_mask"]
     with autocast(device, cfg.bf16):
-        logits = response_logits(policy, ids, mask, R)  # (b, R, V)
+        logits = response_logits(policy, ids, mask, m.shape[1])  # (b, R, V): the head on response positions only
         logprobs = logprobs_from_logits(logits, mb["response"], cfg.temperature)  # (b, R)
-    pg_loss, pg_stats = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], m, cfg.cliprange,
-                                        num_valid=num_valid)
+    pg_loss, stats = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], m, cfg.cliprange, num_valid=num_valid)
     with torch.no_grad():
         entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), m, num_valid=num_valid)
-    add(stats, {"objective/entropy": entropy, "ppo/policy_loss": pg_loss.detach(), "ppo/clipfrac":
-                pg_stats["clipfrac"], "ppo/approx_kl": pg_stats["approx_kl"], "ppo/ratio_mean": pg_stats["ratio_mean"]})
-    return pg_loss
+    return pg_loss, {"objective/entropy": entropy, "ppo/policy_loss": pg_loss.detach(),
+                     **{f"ppo/{k}": v for k, v in stats.items()}}
 
 
-def value_loss(value_model, mb: dict, num_valid, cfg: Config, device, stats: dict) -> torch.Tensor:
+def value_loss(value_model, mb: dict, num_valid, cfg: Config, device) -> tuple[torch.Tensor, dict]:
     """Step 6, value half, on one (trimmed) micro-batch: its share of the mini-batch's clipped value loss."""
-    ids, mask, R = forward_inputs(mb)
+    ids, mask = torch.cat([mb["query"], mb["response"]], 1), torch.cat([mb["query_mask"], mb["response_mask"]], 1)
     with autocast(device, cfg.bf16):
-        values = response_values(value_model, ids, mask, R)  # (b, R)
-    vf_loss, vf_stats = ppo_value_loss(values, mb["values"], mb["returns"], mb["response_mask"], cfg.cliprange_value,
-                                       num_valid=num_valid)
-    add(stats, {"ppo/value_loss": vf_loss.detach(), "val/clipfrac": vf_stats["clipfrac"]})
-    return vf_loss
-
-
-def add(sums: dict, stats: dict) -> None:
-    for key, v in stats.items():
-        sums[key] = sums.get(key, 0.0) + v
+        values = response_values(value_model, ids, mask, mb["response"].shape[1])  # (b, R)
+    vf_loss, stats = ppo_value_loss(values, mb["values"], mb["returns"], mb["response_mask"], cfg.cliprange_value,
+                                    num_valid=num_valid)
+    return vf_loss, {"ppo/value_loss": vf_loss.detach(), "val/clipfrac": stats["clipfrac"]}
 
 
 def ppo_update(policy, value_model, optimizers: dict, batch: dict, update: int, cfg: Config, run) -> dict:
     """Step 6: `ppo_epochs` passes over this rank's batch, each a fresh seeded permutation, in `mini_batches`
-    mini-batches (one optimizer step each) of micro-batches. Returns each statistic summed over the micro-batches.
-    """
+    mini-batches (one optimizer step each) of micro-batches. Returns each statistic summed over micro-batches."""
     local_batch = cfg.batch_size // run.world_size
-    local_mini = local_batch // cfg.mini_batches
-    est = ESTIMATORS[cfg.algo]
-    sums: dict = {}
-    perm_gen = torch.Generator().manual_seed(cfg.seed * 104729 + update * 31 + run.rank)
+    local_mini, est, sums = local_batch // cfg.mini_batches, ESTIMATORS[cfg.algo], {}
+    perm_gen = torch.Generator().manual_seed(cfg.seed * 104729 + update * 31 + run.rank)  # resumes exactly
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(local_batch, generator=perm_gen)
         for start in range(0, local_batch, local_mini):
             mini = perm[start: start + local_mini]
-            # normalise by the valid tokens of the whole mini-batch over all ranks (Dr. GRPO: its sequences times
-            # the length budget), not per micro-batch, which would weigh tokens unequally
+            # the loss is a mean over the valid tokens of the whole mini-batch over all ranks (Dr. GRPO: its
+            # sequences times the length budget), not per micro-batch, which would weigh tokens unequally
             n = batch["response_mask"][mini].sum() if est.token_mean else len(mini) * cfg.response_length
             num_valid = run.all_reduce(torch.as_tensor(n, device=run.device).float())
             for m_start in range(0, local_mini, cfg.micro_batch_size):
-                rows = mini[m_start: m_start + cfg.micro_batch_size]
-                mb = trim({key: batch[key][rows] for key in UPDATE_KEYS if key in batch})
+                mb = trim({key: batch[key][mini[m_start: m_start + cfg.micro_batch_size]] for key in UPDATE_KEYS
+                           if key in batch})
                 # the policy's graph is freed by its backward before the value model's forward: half the
                 # activation memory of one combined loss, the same gradients
-                pg_loss = policy_loss(policy, mb, num_valid, cfg, run.device, sums)
+                pg_loss, stats = policy_loss(policy, mb, num_valid, cfg, run.device)
                 run.check_finite(update + 1, policy_loss=pg_loss)
                 pg_loss.backward()
                 if value_model is not None:
-                    vf_loss = value_loss(value_model, mb, num_valid, cfg, run.device, sums)
+                    vf_loss, vf_stats = value_loss(value_model, mb, num_valid, cfg, run.device)
                     run.check_finite(update + 1, value_loss=vf_loss)
                     (cfg.vf_coef * vf_loss).backward()
+                    stats.update(vf_stats)
+                for key, v in stats.items():
+                    sums[key] = sums.get(key, 0.0) + v
             for model, opt in ((policy, optimizers["policy"]), (value_model, optimizers.get("value"))):
                 if model is not None:
-                    run.sync_grads(model)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    run.sync_grads(model)  # each rank's loss is normalised by global counts: the sum is the gradient
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # per model (TRL 0.13: none)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
     return sums
@@ -468,8 +404,7 @@ def update_metrics(batch: dict, sums: dict, kl_coef: float, n_left_out: int, rew
         metrics["val/explained_variance"] = explained_variance(batch["values"], batch["returns"], mask,
                                                                all_reduce=run.all_reduce).item()
     if reward.calls is not None:  # a labeler: its calls so far over all ranks (each rank caches its own ratings)
-        metrics["labeler/calls"] = run.all_reduce(reward.calls).item()
-        metrics["rollout/left_out"] = n_left_out
+        metrics.update({"labeler/calls": run.all_reduce(reward.calls).item(), "rollout/left_out": n_left_out})
     return metrics
 
 
@@ -479,40 +414,28 @@ def update_metrics(batch: dict, sums: dict, kl_coef: float, n_left_out: int, rew
 def main(cfg: Config) -> dict:
     if cfg.task_dir:  # the tiny presets' synthetic task (deterministic; skipped when present)
         synthetic.write_task(cfg.task_dir)
-    est = ESTIMATORS[cfg.algo]
+    # the value model starts from the RM (head included); d-RLAIF has no RM: from SFT with a new head (the paper)
+    value_path = cfg.value_path or (cfg.rm_path if cfg.reward == "rm" else cfg.sft_path)
     inputs = {"sft": cfg.sft_path, "dataset": cfg.dataset, **({"rm": cfg.rm_path} if cfg.reward == "rm" else {}),
-              **({"value": value_init(cfg)} if est.value_model else {})}
+              **({"value": value_path} if ESTIMATORS[cfg.algo].value_model else {})}
     run = Run(cfg, "ppo", inputs)  # skip a finished run; torchrun, seeds, threads
     if run.finished:
         return run.finished
-    # derived sizes, checked once
-    k = cfg.samples_per_query if cfg.samples_per_query > 0 else est.k
-    require(k >= est.min_k, f"--algo {cfg.algo} compares samples of one query: --samples-per-query must be >= "
-                            f"{est.min_k}, got {k}")
-    require(cfg.batch_size % (k * run.world_size) == 0, f"--batch-size {cfg.batch_size} must split into whole groups "
-            f"of --samples-per-query {k} on each of the {run.world_size} rank(s)")
-    local_batch = cfg.batch_size // run.world_size
-    require(local_batch % (cfg.mini_batches * cfg.micro_batch_size) == 0, f"each rank's batch ({local_batch} of "
-            f"--batch-size {cfg.batch_size}) must split into --mini-batches {cfg.mini_batches} of whole "
-            f"--micro-batch-size {cfg.micro_batch_size} micro-batches")
-    num_updates = cfg.total_episodes // cfg.batch_size
-    require(num_updates > 0, f"--total-episodes {cfg.total_episodes} must be at least one --batch-size")
-    require(cfg.reward == "rm" or cfg.labeler != "vllm" or run.world_size == 1,
-            "--reward direct --labeler vllm runs in one process (one engine); under torchrun rate with hf or openai")
+    k, num_updates = batch_layout(cfg, run.world_size)  # derived sizes, checked once
     check_model(cfg.sft_path, "causal-lm", "--sft-path")
-    if cfg.reward == "rm":
-        check_model(cfg.rm_path, "reward-model", "--rm-path")  # a causal LM would be scored by a new, random head
+    if cfg.reward == "rm":  # a causal LM as the reward model would be scored by a new, random head
+        check_model(cfg.rm_path, "reward-model", "--rm-path")
 
-    # data: the queries (and their posts, for the labeler and the samples table)
+    # data: the queries (and their posts, for a labeler and the samples table)
     tokenizer = load_tokenizer(cfg.sft_path)
     posts, post_stats = load_posts(cfg.dataset, cfg.split)
     queries = [build_query(tokenizer, p, cfg.max_query_tokens)[1] for p in posts]
 
     # 1. models, optimizers, the KL controller; resumed from the checkpoint if there is one
-    policy, ref_policy, value_model, reward = load_models(cfg, tokenizer, run.device)
-    adamw = lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=cfg.weight_decay, eps=1e-5)  # noqa
-    value_lr = cfg.lr if cfg.value_lr < 0 else cfg.value_lr
-    optimizers = {"policy": adamw(policy, cfg.lr), **({"value": adamw(value_model, value_lr)} if value_model else {})}
+    policy, ref_policy, value_model, reward = load_models(cfg, tokenizer, run.device, value_path)
+    lrs = {"policy": cfg.lr, "value": cfg.lr if cfg.value_lr < 0 else cfg.value_lr}
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=lrs[name], weight_decay=cfg.weight_decay, eps=1e-5)
+                  for name, m in (("policy", policy), ("value", value_model)) if m is not None}
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
               else FixedKLController(cfg.kl_coef))
     counts = {"left_out": 0}
@@ -520,9 +443,8 @@ def main(cfg: Config) -> dict:
                        value_optimizer=optimizers.get("value"), kl_ctl=kl_ctl, reward=reward, counts=counts)
     # the rollout engine, made once; vllm: loaded from sft_path, then synced with the policy before every rollout
     engine = rollout_engine(cfg.rollout_backend, cfg.sft_path, cfg.seed + run.rank, cfg.rollout_gpu_memory_utilization)
-    if run.master:
-        print(f"{cfg.algo}: {len(queries)} queries, {num_updates} updates of {cfg.batch_size} episodes ({k} per "
-              f"query), world {run.world_size}, device {run.device}, value model: {value_model is not None}")
+    run.say(f"{cfg.algo}: {len(queries)} queries, {num_updates} updates of {cfg.batch_size} episodes ({k} per query), "
+            f"value model: {value_model is not None}")
 
     t_start = time.time()
     for update in run.steps(start, num_updates):
@@ -537,14 +459,13 @@ def main(cfg: Config) -> dict:
         counts["left_out"] += n_left_out
         # 4-5. KL rewards, advantages
         batch = kl_rewards_and_advantages(batch, kl_ctl.value, k, cfg, run)
-        t_rollout = time.time() - t0
+        t_rollout, t0 = time.time() - t0, time.time()
 
         # 6. the update; the learning rate is a function of the update index (no scheduler state to checkpoint)
-        t0 = time.time()
         lr_scale = linear_lr(update, num_updates, 1.0)  # linear decay to 0
         for name, opt in optimizers.items():
             for group in opt.param_groups:
-                group["lr"] = (cfg.lr if name == "policy" else value_lr) * lr_scale
+                group["lr"] = lrs[name] * lr_scale
         policy.train()
         sums = ppo_update(policy, value_model, optimizers, batch, update, cfg, run)
         t_update = time.time() - t0
@@ -552,14 +473,14 @@ def main(cfg: Config) -> dict:
         # 7. log, then the KL controller sees the KL this batch was sampled with
         metrics = update_metrics(batch, sums, kl_ctl.value, n_left_out, reward, cfg, run)
         metrics.update({"objective/kl_coef": kl_ctl.value, "ppo/lr": cfg.lr * lr_scale, "time/rollout_s": t_rollout,
-                        "time/update_s": t_update, "eps": cfg.batch_size / (t_rollout + t_update), **engine.stats()})
-        if run.device.type == "cuda":
-            metrics["mem/peak_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+                        "time/update_s": t_update, "eps": cfg.batch_size / (t_rollout + t_update), **engine.stats(),
+                        **run.memory()})
         kl_ctl.update(metrics["objective/kl"], cfg.batch_size)
         run.log(update + 1, metrics, show=("objective/scores", "objective/kl", "objective/entropy", "ppo/policy_loss",
                                            "ppo/clipfrac", "rollout/eos_rate", "rollout/response_len", "eps"))
         if run.master and (update + 1) % cfg.sample_every == 0:
-            write_samples(run.out_dir / "samples.jsonl", update + 1, batch, posts, idx, tokenizer, reward, cfg)
+            write_samples(run.out_dir / "samples.jsonl", update + 1, batch, [posts[i] for i in idx], tokenizer,
+                          reward, cfg.n_samples, cfg.max_query_tokens, cfg.response_length)
         run.checkpoint(update + 1)
 
     # final numbers and save
@@ -571,24 +492,7 @@ def main(cfg: Config) -> dict:
         metrics.update(first_last(run.rows(), ("objective/scores", "objective/kl", "objective/rlhf_reward",
                                                "rollout/eos_rate", "rollout/response_len", "eps")))
     engine.close()  # before leaving torchrun: a vLLM engine's shutdown ends the process group it joined
-    return run.save(metrics, policy, tokenizer, headline=("objective/scores_last", "objective/kl_last",
-                                                          "rollout/eos_rate_last"))
-
-
-@torch.no_grad()
-def write_samples(path, update: int, batch: dict, posts, idx: list[int], tokenizer, reward, cfg: Config) -> None:
-    """A few (query, response, score, reference score) rows, to read how the policy changes over training."""
-    rows, ref_scores = [], {}  # post id -> its reference's score (the k samples of a post: asked once)
-    for i in range(min(cfg.n_samples, len(idx))):
-        post = posts[idx[i]]
-        query = batch["query"][i][batch["query_mask"][i].bool()].tolist()
-        response = batch["response"][i][batch["response_mask"][i].bool()].tolist()
-        if post.summary is not None and post.id not in ref_scores:  # the reference summary's score, for scale
-            ref_scores[post.id] = reward.reference(post, query, cfg.max_query_tokens, cfg.response_length)
-        rows.append({"update": update, "id": post.id, "query": tokenizer.decode(query),
-                     "response": decode_summary(tokenizer, response), "score": batch["scores"][i].item(),
-                     "reference": post.summary, "reference_score": ref_scores.get(post.id)})
-    append_jsonl(path, rows)
+    return run.save(metrics, policy, tokenizer, headline=("objective/scores_last", "objective/kl_last"))
 
 
 if __name__ == "__main__":

@@ -464,6 +464,19 @@ class RMReward:
         pass
 
 
+def leave_out_unscored(batch: dict, k: int) -> int:
+    """Episodes the labeler could not rate leave the update with the rest of their group (a group estimator compares
+    all k): response mask 0, so they add nothing to any loss, advantage or statistic, and score 0; batch["kept"]
+    (B,) marks the others (the logged per-episode means are over them). Returns how many left on this rank."""
+    out = (~torch.isfinite(batch["scores"])).view(-1, k).any(1).repeat_interleave(k)  # (B,)
+    batch["kept"] = ~out
+    if out.any():
+        batch["response_mask"][out] = 0
+        for key in ("scores", "raw_scores"):
+            batch[key] = torch.where(out, torch.zeros_like(batch[key]), batch[key])
+    return int(out.sum())
+
+
 class LabelerReward:
     """d-RLAIF: a labeler's expected 1-10 rating of each decoded response, rescaled to [-1, 1].
 
@@ -514,3 +527,23 @@ class LabelerReward:
     def load_state_dict(self, state: dict) -> None:
         self.cache = {(i, s): r for i, s, r in state["cache"]}
         self.calls, self.unrated = state["calls"], state["unrated"]
+
+
+@torch.no_grad()
+def write_samples(path, update: int, batch: dict, posts, tokenizer, reward, n: int, max_query_tokens: int,
+                  max_tokens: int) -> None:
+    """Append the first `n` episodes of an RL batch to samples.jsonl: query, response, score, and the reference
+    summary's score under the same reward, for scale: to read how the policy changes over training."""
+    from minirlaif.generation import decode_summary
+    from minirlaif.utils import append_jsonl
+
+    rows, ref_scores = [], {}  # post id -> its reference's score (the k samples of a post: asked once)
+    for i, post in enumerate(posts[:n]):
+        query = batch["query"][i][batch["query_mask"][i].bool()].tolist()
+        response = batch["response"][i][batch["response_mask"][i].bool()].tolist()
+        if post.summary is not None and post.id not in ref_scores:
+            ref_scores[post.id] = reward.reference(post, query, max_query_tokens, max_tokens)
+        rows.append({"update": update, "id": post.id, "query": tokenizer.decode(query),
+                     "response": decode_summary(tokenizer, response), "score": batch["scores"][i].item(),
+                     "reference": post.summary, "reference_score": ref_scores.get(post.id)})
+    append_jsonl(path, rows)

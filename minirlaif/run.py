@@ -35,16 +35,36 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from minirlaif.config import UserError, config_dict, config_errors, parse_config
+from minirlaif.config import Positive, UserError, config_dict, config_errors, parse_config
 from minirlaif.data import DataError
 from minirlaif.utils import (append_jsonl, fault_point, read_json, read_jsonl_resumable, save_atomic, sha256_path,
                              truncate_jsonl, write_json)
+
+# ----------------------------------------------------------------------------------------------------------------
+# the trainers' run settings (their configs extend this)
+
+
+@dataclass
+class RunConfig:
+    """How a training run proceeds and logs (what it computes is the stage's own config)."""
+    resume: bool = True
+    """continue from out_dir's checkpoint when there is one (--no-resume starts over)"""
+    bf16: bool = False
+    """bf16 autocast, on GPU or CPU (the CPU presets run fp32; CPU bf16 pays only with AVX512-BF16/AMX)"""
+    checkpoint_every: Positive[int] = 10
+    """steps between resumable checkpoints"""
+    wandb_project: str = ""
+    """also log to this wandb project (optional)"""
+    tensorboard: bool = False
+    """also log to tensorboard (optional)"""
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # torchrun, seeds
@@ -423,6 +443,17 @@ class Run:
         line = f"{self.name} {step:>5d}/{self.total} | " + " | ".join(f"{k.split('/')[-1]} {_fmt(row[k])}"
                                                                          for k in keys)
         print(line, flush=True)
+
+    def say(self, text: str) -> None:
+        """Print a line on rank 0, with the world and the device."""
+        if self.master:
+            print(f"{text}; world {self.world_size}, device {self.device}", flush=True)
+
+    def memory(self) -> dict:
+        """{"mem/peak_gb": peak CUDA memory allocated so far} on a GPU, {} on the CPU."""
+        if self.device.type != "cuda":
+            return {}
+        return {"mem/peak_gb": torch.cuda.max_memory_allocated(self.device) / 2**30}
 
     def rows(self) -> list[dict]:
         """Every metrics.jsonl row on disk (a resumed run's earlier rows too)."""

@@ -145,9 +145,11 @@ def test_update_at_ratio_one_reproduces_the_math_core(batch):
     policy, _, value, _ = batch["models"]
     mb = micro_batch(batch)
     m = mb["response_mask"]
-    stats, cpu = {}, torch.device("cpu")
-    loss = (train_ppo.policy_loss(policy, mb, m.sum().float(), cfg, cpu, stats)
-            + cfg.vf_coef * train_ppo.value_loss(value, mb, m.sum().float(), cfg, cpu, stats))
+    cpu = torch.device("cpu")
+    (pg_loss, pg_stats), (vf_loss, vf_stats) = (train_ppo.policy_loss(policy, mb, m.sum().float(), cfg, cpu),
+                                                train_ppo.value_loss(value, mb, m.sum().float(), cfg, cpu))
+    stats = {**pg_stats, **vf_stats}
+    loss = pg_loss + cfg.vf_coef * vf_loss
     A, V, R = mb["advantages"], mb["values"], mb["returns"]
     pg = -(A * m).sum() / m.sum()
     vf = 0.5 * (((V - R) ** 2) * m).sum() / m.sum()
@@ -178,8 +180,8 @@ def test_padding_tokens_get_no_gradient(batch):
         policy.zero_grad()
         value.zero_grad()
         n, cpu = mb["response_mask"].sum().float(), torch.device("cpu")
-        train_ppo.policy_loss(policy, mb, n, cfg, cpu, {}).backward()
-        train_ppo.value_loss(value, mb, n, cfg, cpu, {}).backward()
+        train_ppo.policy_loss(policy, mb, n, cfg, cpu)[0].backward()
+        train_ppo.value_loss(value, mb, n, cfg, cpu)[0].backward()
         return [p.grad.clone() for p in [*policy.parameters(), *value.parameters()] if p.grad is not None]
 
     mb = micro_batch(batch)

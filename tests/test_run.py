@@ -188,7 +188,8 @@ SCRIPT = textwrap.dedent('''
 @pytest.mark.parametrize("what,code,stderr", [
     ("data", 1, "demo.py: data.jsonl:7: field 'post' must be str\n"),
     ("interrupt", 130, "\ninterrupted at step 3 of 50; rerun the same command to resume\n"),
-    ("--checkpoint-every=0", 1, "demo.py: bad flag values (one line per field):\n  --checkpoint-every must be > 0, got 0\n"),
+    ("--checkpoint-every=0", 1,
+     "demo.py: bad flag values (one line per field):\n  --checkpoint-every must be > 0, got 0\n"),
 ])
 def test_the_command_line_says_one_thing_for_a_users_mistake(tmp_path, what, code, stderr):
     (tmp_path / "demo.py").write_text(SCRIPT)

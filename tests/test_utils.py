@@ -1,7 +1,6 @@
 """Shared helpers: the config CLI and its rules, resumable jsonl, hashes."""
 
 import dataclasses
-import json
 from dataclasses import dataclass
 
 import pytest
