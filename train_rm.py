@@ -62,7 +62,7 @@ from minirlaif.models import (check_model, disable_dropout, fold_reward_offset, 
 from minirlaif.reward import (HUMAN_CONFIDENCE, Encoder, PairRewards, evaluate_pairs, load_ai_pairs,
                               load_human_pairs, mean_reference_reward, padding_invariance, pair_batch, pair_metrics,
                               score_pairs, split_by_id, training_labels)
-from minirlaif.run import Run, cli
+from minirlaif.run import Run, RunConfig, cli
 from minirlaif.utils import autocast, batch_indices, linear_lr
 
 
@@ -70,7 +70,7 @@ FractionOrAll = Annotated[float, Rule(lambda v: v == -1 or 0 < v < 1, "must be i
 
 
 @dataclass
-class Config:
+class Config(RunConfig):  # inherited: --resume, --bf16, --checkpoint-every, --wandb-project, --tensorboard
     preset: str = "tiny"
     """tiny: synthetic task on CPU; gpt2-large: the seed's setup (hub data); micro: a few steps, for tests"""
     out_dir: str = ""
@@ -78,8 +78,6 @@ class Config:
     feedback, runs/{preset}/rm_human for human feedback, runs/{preset}/rm_mixed for mixed"""
     seed: int = 1
     """seeds the head init, the splits, the data order and every RNG"""
-    resume: bool = True
-    """continue from out_dir's checkpoint when there is one (--no-resume starts over)"""
     feedback: Choice("ai", "human", "mixed") = "ai"
     """ai: label.py's AI preferences (RLAIF); human: the human comparisons (the RLHF baseline); mixed: both"""
     human_frac: FractionOrAll = -1.0
@@ -134,20 +132,13 @@ class Config:
     """max gradient norm"""
     center_coef: NonNegative[float] = 0.0
     """adds center_coef * mean((r_a + r_b)^2) to the loss (reward centering; 0: off)"""
-    bf16: bool = False
-    """bf16 autocast, on GPU or CPU (the CPU presets run fp32; CPU bf16 pays only with AVX512-BF16/AMX)"""
     eval_every: Positive[int] = 20
     """steps between validation evaluations (the best one is kept)"""
     eval_batch_size: Positive[int] = 64
     """sequences per forward pass when scoring"""
     checkpoint_every: Positive[int] = 20
-    """steps between resumable checkpoints"""
     log_every: Positive[int] = 5
     """steps between metric lines"""
-    wandb_project: str = ""
-    """log to this wandb project (optional)"""
-    tensorboard: bool = False
-    """also log to tensorboard (optional)"""
 
 
 PRESETS = {
@@ -287,11 +278,9 @@ def main(cfg: Config) -> dict:
     rewards_fn = PairRewards(model)  # each query encoded once for its two summaries
     best = {"loss": math.inf, "step": -1, "acc": None, "model": None}  # the lowest validation loss so far
     start = run.resume(model=model, optimizer=optimizer, best=best)
-    if run.master:
-        print(f"rm ({cfg.feedback} feedback, {cfg.labels if cfg.feedback != 'human' else 'hard'} labels): "
-              f"{len(train)} train / {len(val)} val pairs, test {len(sets['ai_test'])} ai / {len(sets['human_conf8'])} "
-              f"human conf>={HUMAN_CONFIDENCE}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-              f"{total_steps} steps, world {run.world_size}, device {run.device}")
+    run.say(f"rm ({cfg.feedback} feedback, {cfg.labels if cfg.feedback != 'human' else 'hard'} labels): {len(train)} "
+            f"train / {len(val)} val pairs, test {len(sets['ai_test'])} ai / {len(sets['human_conf8'])} human conf>="
+            f"{HUMAN_CONFIDENCE}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {total_steps} steps")
 
     # the loop: one global batch of pairs per step
     t0, last_loss = time.time(), float("nan")
@@ -340,14 +329,7 @@ def main(cfg: Config) -> dict:
     # the best validation checkpoint, shifted so that reference summaries score 0 on average
     model.load_state_dict(best["model"])
     model.eval()
-    ref_posts, _ = load_posts(cfg.reference_dataset, "train")
-    ref_posts = random.Random(cfg.seed).sample(ref_posts, min(cfg.n_reference, len(ref_posts)))
-    ref_enc = Encoder(tokenizer, cfg.max_query_tokens, cfg.max_summary_tokens)  # its cuts are not the pairs' counts
-    offset, ref_std = mean_reference_reward(model, ref_enc, ref_posts, cfg.eval_batch_size, run.device, cfg.bf16,
-                                            run.dist)
-    offset_in = fold_reward_offset(model, offset)  # "ln_f.bias" (GPT-2) ... or "config" (RMSNorm models)
-    ref_mean_after, _ = mean_reference_reward(model, ref_enc, ref_posts, cfg.eval_batch_size, run.device, cfg.bf16,
-                                              run.dist)
+    offset = center_on_references(model, tokenizer, cfg, run)  # in the weights where exact, else in the config
 
     # test numbers
     metrics = test_metrics(model, sets, cfg, pad_id, run)
@@ -360,13 +342,25 @@ def main(cfg: Config) -> dict:
         "n_excluded_inconsistent": counts.get("excluded", {}).get("n_inconsistent", 0),
         "best_step": best["step"], "val_loss_best": best["loss"], "val_acc_best": best["acc"],
         **invariance(model, sets, cfg, pad_id, run),
-        "reward_offset": offset, "reward_offset_in": offset_in, "reference_reward_std": ref_std,
-        "reference_reward_mean_after": ref_mean_after,
-        "n_reference": len(ref_posts), "train_loss": last_loss, "steps": total_steps, "train_time_s": train_time,
+        **offset, "train_loss": last_loss, "steps": total_steps, "train_time_s": train_time,
         "total_time_s": time.time() - run.t0, "n_train": len(train), "n_val": len(val),
         **enc.counts(), "counts": counts,
     })
     return run.save(metrics, model, tokenizer, headline=("acc_human_conf8", "acc_ai_test"))
+
+
+def center_on_references(model, tokenizer, cfg: Config, run) -> dict:
+    """Shift every reward so that the mean of `n_reference` reference summaries is 0 (`models.fold_reward_offset`:
+    into the weights where that is exact, GPT-2 and GPT-NeoX, else into config.reward_offset_unfolded); the numbers
+    for metrics.json."""
+    ref_posts, _ = load_posts(cfg.reference_dataset, "train")
+    ref_posts = random.Random(cfg.seed).sample(ref_posts, min(cfg.n_reference, len(ref_posts)))
+    enc = Encoder(tokenizer, cfg.max_query_tokens, cfg.max_summary_tokens)  # its cuts are not the pairs' counts
+    offset, std = mean_reference_reward(model, enc, ref_posts, cfg.eval_batch_size, run.device, cfg.bf16, run.dist)
+    where = fold_reward_offset(model, offset)  # "ln_f.bias" (GPT-2) ... or "config" (RMSNorm models)
+    after, _ = mean_reference_reward(model, enc, ref_posts, cfg.eval_batch_size, run.device, cfg.bf16, run.dist)
+    return {"reward_offset": offset, "reward_offset_in": where, "reference_reward_std": std,
+            "reference_reward_mean_after": after, "n_reference": len(ref_posts)}
 
 
 def test_metrics(model, sets: dict, cfg: Config, pad_id: int, run) -> dict:

@@ -32,20 +32,18 @@ from minirlaif.data import build_query, encode_completion, format_completion, lo
 from minirlaif.generation import generate_texts
 from minirlaif.models import (fuse_gelu, grow_embeddings, load_causal_lm, load_tokenizer, pad_batch, position_ids,
                               set_attention, tiny_gpt2_config, train_bpe_tokenizer)
-from minirlaif.run import Run, cli
+from minirlaif.run import Run, RunConfig, cli
 from minirlaif.utils import autocast, batch_indices, linear_lr
 
 
 @dataclass
-class Config:
+class Config(RunConfig):  # inherited: --resume, --bf16, --checkpoint-every, --wandb-project, --tensorboard
     preset: str = "tiny"
     """tiny: synthetic task, small GPT-2 from scratch, CPU; gpt2-large: the seed's setup (hub model and data)"""
     out_dir: str = "runs/{preset}/sft"
     """where the model, metrics.json, manifest.json and the checkpoint go"""
     seed: int = 1
     """seeds the model init, the data order and every RNG"""
-    resume: bool = True
-    """continue from out_dir's checkpoint when there is one (--no-resume starts over)"""
     task_dir: str = "runs/{preset}/data"
     """tiny: where the synthetic task's files are written (if missing); empty for real data"""
     dataset: str = "runs/{preset}/data/sft"
@@ -86,8 +84,6 @@ class Config:
     """AdamW weight decay"""
     grad_clip: Positive[float] = 1.0
     """max gradient norm"""
-    bf16: bool = False
-    """bf16 autocast, on GPU or CPU (the CPU presets run fp32; CPU bf16 pays only with AVX512-BF16/AMX)"""
     eval_every: Positive[int] = 100
     """steps between validation losses"""
     n_val: PositiveOrAll[int] = 256
@@ -95,13 +91,8 @@ class Config:
     n_judge: NonNegative[int] = 200
     """tiny: validation posts whose greedy summaries the rule judge scores at the end"""
     checkpoint_every: Positive[int] = 100
-    """steps between resumable checkpoints"""
     log_every: Positive[int] = 10
     """steps between metric lines"""
-    wandb_project: str = ""
-    """log to this wandb project (optional)"""
-    tensorboard: bool = False
-    """also log to tensorboard (optional)"""
 
 
 PRESETS = {
@@ -121,6 +112,23 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
+
+
+def load_or_build(cfg: Config, train_posts):
+    """(tokenizer, model): a hub or local model with a [PAD] token added, or (tiny) a BPE trained on the task and a
+    small GPT-2 built from the config."""
+    if cfg.model:
+        tokenizer = load_tokenizer(cfg.model)
+        model = load_causal_lm(cfg.model)
+        grow_embeddings(model, tokenizer)  # room for the new [PAD] token; never shrinks a padded embedding
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return tokenizer, model
+    from transformers import GPT2LMHeadModel
+
+    tokenizer = train_bpe_tokenizer([f"{p.title}\n{p.post}\n{p.summary}" for p in train_posts], cfg.vocab_size)
+    # built from a config, not loaded, so it gets load_causal_lm's one-kernel GELU here
+    config = tiny_gpt2_config(tokenizer, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.n_positions)
+    return tokenizer, fuse_gelu(GPT2LMHeadModel(config))
 
 
 def tokenize(posts, tokenizer, cfg: Config) -> tuple[list[tuple[list[int], list[int]]], dict]:
@@ -200,18 +208,7 @@ def main(cfg: Config) -> dict:
     val_posts, val_stats = load_posts(cfg.dataset, "validation")
 
     # tokenizer and model
-    if cfg.model:
-        tokenizer = load_tokenizer(cfg.model)
-        model = load_causal_lm(cfg.model)
-        grow_embeddings(model, tokenizer)  # room for the new [PAD] token; never shrinks a padded embedding
-        model.config.pad_token_id = tokenizer.pad_token_id
-    else:
-        texts = [f"{p.title}\n{p.post}\n{p.summary}" for p in train_posts]
-        tokenizer = train_bpe_tokenizer(texts, cfg.vocab_size)
-        from transformers import GPT2LMHeadModel
-        # built from a config, not loaded, so it gets load_causal_lm's one-kernel GELU here
-        model = fuse_gelu(GPT2LMHeadModel(tiny_gpt2_config(tokenizer, cfg.n_layer, cfg.n_head, cfg.n_embd,
-                                                           cfg.n_positions)))
+    tokenizer, model = load_or_build(cfg, train_posts)
     set_attention(model, run.device, cfg.bf16).to(run.device).train()
     train, train_cuts = tokenize(train_posts, tokenizer, cfg)
     val, _ = tokenize(val_posts[: cfg.n_val] if cfg.n_val > 0 else val_posts, tokenizer, cfg)
@@ -219,10 +216,8 @@ def main(cfg: Config) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.95), fused=run.device.type == "cuda")
     start = run.resume(model=model, optimizer=optimizer)  # the step fixes the data position and the learning rate
-    if run.master:
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"sft: {len(train)} train / {len(val)} val examples, {n_params / 1e6:.2f}M params, {total_steps} steps, "
-              f"world {run.world_size}, device {run.device}")
+    run.say(f"sft: {len(train)} train / {len(val)} val examples, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
+            f"M params, {total_steps} steps")
 
     # the loop: one global batch per step
     t0, last_loss = time.time(), float("nan")
