@@ -77,10 +77,11 @@ def rules(cls) -> dict[str, Rule]:
 
 
 def config_errors(cfg) -> list[str]:
-    """One message per field whose value breaks its rule (a NaN or an infinity breaks every numeric rule)."""
-    errors = []
-    for name, rule in rules(type(cfg)).items():
-        v = getattr(cfg, name)
+    """One message per field whose value breaks its rule (a NaN or an infinity breaks every numeric rule), in the
+    order --help lists the fields."""
+    errors, have = [], rules(type(cfg))
+    for name in (f.name for f in ordered_fields(type(cfg)) if f.name in have):
+        rule, v = have[name], getattr(cfg, name)
         if not rule.ok(v) or (isinstance(v, float) and not math.isfinite(v)):
             errors.append(f"--{name.replace('_', '-')} {rule.text}, got {v!r}")
     return errors
@@ -112,6 +113,11 @@ def _defining_class(cls, name: str):
     return cls
 
 
+def ordered_fields(cls) -> list:
+    """The dataclass fields of `cls`, its own first, then the inherited ones (the order of --help)."""
+    return sorted(dataclasses.fields(cls), key=lambda f: _defining_class(cls, f.name) is not cls)
+
+
 def parse_config(cls, presets: dict[str, dict[str, Any]], argv: list[str] | None = None):
     """Build `cls` from its defaults, `presets[--preset]` and the flags in `argv` (default sys.argv[1:])."""
     docs, hints = field_docs(cls), get_type_hints(cls)
@@ -119,7 +125,7 @@ def parse_config(cls, presets: dict[str, dict[str, Any]], argv: list[str] | None
     parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups = {}  # the stage's own flags first, then each inherited config's under its name
-    for f in sorted(dataclasses.fields(cls), key=lambda f: _defining_class(cls, f.name) is not cls):
+    for f in ordered_fields(cls):
         owner = _defining_class(cls, f.name)
         if owner is cls:
             group = parser
