@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Annotated
 
 import torch
-from tqdm import tqdm
 
 from minirlaif import stats, synthetic
 from minirlaif.config import Choice, NonNegative, Positive, PositiveOrAll, Rule, UserError
@@ -65,7 +64,7 @@ from minirlaif.labelers import LabelerConfig, labeler_settings, make_labeler, re
 from minirlaif.models import check_model, load_causal_lm, load_scalar_model, load_tokenizer, set_attention
 from minirlaif.report import aggregate_seeds, algorithm_rows, make_plots, pct, read_ppo_curves, write_report
 from minirlaif.reward import HUMAN_CONFIDENCE, Encoder, evaluate_pairs, load_ai_pairs, load_human_pairs, split_by_id
-from minirlaif.run import Run, cli
+from minirlaif.run import Run, cli, progress
 from minirlaif.utils import (GENERATION_SCHEMA, JUDGMENT_SCHEMA, append_jsonl, read_json, read_jsonl_resumable,
                              unique_ids, write_json)
 
@@ -255,7 +254,7 @@ def generate_policy(name: str, path: str, sha256: str, posts, cfg: Config, backe
         tokenizer = load_tokenizer(path)
         model = load_causal_lm(path).to(device).eval()
         chunks = [todo[i:i + cfg.gen_chunk] for i in range(0, len(todo), cfg.gen_chunk)]
-        for chunk in tqdm(chunks, desc=f"summaries {name}", unit="chunk"):
+        for chunk in progress(chunks, f"summaries {name}"):
             queries = [build_query(tokenizer, p, cfg.max_query_tokens)[1] for p in chunk]
             outs = generate_texts(model, tokenizer, queries, cfg.max_new_tokens, cfg.gen_batch_size, greedy=True,
                                   device=device)

@@ -42,14 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from minirlaif import synthetic
 from minirlaif.config import Between, Choice, NonNegative, Positive, PositiveOrAll, UserError
 from minirlaif.data import build_query, load_comparisons, load_posts
 from minirlaif.judges import PromptConfig, human_agreement, judge_pairs, position_bias, usage_summary
 from minirlaif.labelers import LabelerConfig, make_labeler, resolve_device
-from minirlaif.run import Run, cli
+from minirlaif.run import Run, cli, progress
 from minirlaif.utils import (CANDIDATE_SCHEMA, PAIR_SCHEMA, append_jsonl, read_jsonl, read_jsonl_resumable,
                              unique_ids, write_json)
 
@@ -183,7 +182,7 @@ def sample_candidates(cfg: Config, posts, have: set, path: Path) -> None:
         return
     device = resolve_device(cfg.device)
     model = load_causal_lm(cfg.sft_path).to(device).eval()
-    for k, chunk in tqdm(todo, desc="candidates", unit="chunk"):
+    for k, chunk in progress(todo, "candidates"):
         built = [build_query(tokenizer, p, cfg.max_query_tokens) for p in chunk]
         # each query twice: two independent samples per post, drawn in one seeded pass over the chunk
         outs = generate_texts(model, tokenizer, [q[1] for q in built for _ in range(2)], cfg.max_new_tokens,
@@ -247,7 +246,7 @@ def label_items(cfg: Config, items: list[dict], path: Path) -> tuple[list[dict],
     labeler = None
     if todo:
         labeler = make_labeler(cfg, cfg.seed)
-        for i in tqdm(range(0, len(todo), cfg.label_chunk), desc="label", unit="chunk"):
+        for i in progress(range(0, len(todo), cfg.label_chunk), "label"):
             chunk = todo[i:i + cfg.label_chunk]
             judged = judge_pairs(labeler, chunk, cfg.orders, cfg.seed)
             append_jsonl(path, [pair_row(it, j) for it, j in zip(chunk, judged)])

@@ -23,6 +23,10 @@
 # seed's win rate, the mean and a 95% t-interval over seeds (evaluate.py --aggregate).
 set -euo pipefail
 
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
+    exit 0
+fi
 preset="${1:-tiny}"
 shift || true
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -44,13 +48,27 @@ if [[ -n "${SEEDS:-}" ]]; then
     exit 0
 fi
 
-stage() {  # stage NAME LAUNCHER SCRIPT [flags...]
+export PYTHONUNBUFFERED=1  # each stage's lines appear as they are printed
+exec 3>&1  # the terminal, also while a branch's output goes to its log file
+stage() {  # stage NAME LAUNCHER SCRIPT [flags...]: when it ends, one line with its time and headline numbers
     local name="$1" launcher="$2" script="$3"
     shift 3
-    local t0=$SECONDS
+    local t0=$SECONDS out said status
     echo "=== $name: $script --preset $preset $*"
-    $launcher "$here/$script" --preset "$preset" "$@"
-    echo "=== $name done in $((SECONDS - t0)) s"
+    out=$(mktemp)
+    set +e
+    $launcher "$here/$script" --preset "$preset" "$@" | tee "$out"
+    status=${PIPESTATUS[0]}
+    set -e
+    # the stage's own last word: "=== <stage> finished in N s: <numbers> (<dir>)", or why it skipped
+    said=$(grep -E "^=== [^ ]+ finished in |; skipping" "$out" | tail -n 1 | sed -E 's/^=== [^ ]+ finished in [0-9]+ s:? ?//')
+    rm -f "$out"
+    [[ $status == 0 ]] || return "$status"
+    if [[ -n "${IN_BRANCH:-}" ]]; then  # a branch's log is not the terminal: say it there too, with its numbers
+        echo "=== $name done in $((SECONDS - t0)) s${said:+: $said}" | tee /dev/fd/3
+    else
+        echo "=== $name done in $((SECONDS - t0)) s"
+    fi
 }
 
 stage "1/7 SFT" "$launch" train_sft.py "$@"
@@ -73,14 +91,13 @@ rlhf() {
 if [[ "${PARALLEL:-auto}" == 1 || ( "${PARALLEL:-auto}" == auto && "$preset" != gpt2-large ) ]]; then
     mkdir -p "$runs/logs"
     echo "=== RLAIF (stages 3-4) and RLHF (stages 5-6) side by side; logs: $runs/logs/{rlaif,rlhf}.log"
-    OMP_NUM_THREADS=1 rlaif "$@" > "$runs/logs/rlaif.log" 2>&1 &
+    IN_BRANCH=1 OMP_NUM_THREADS=1 rlaif "$@" > "$runs/logs/rlaif.log" 2>&1 &
     rlaif_pid=$!
-    OMP_NUM_THREADS=1 rlhf "$@" > "$runs/logs/rlhf.log" 2>&1 &
+    IN_BRANCH=1 OMP_NUM_THREADS=1 rlhf "$@" > "$runs/logs/rlhf.log" 2>&1 &
     rlhf_pid=$!
     status=0
     wait "$rlaif_pid" || { status=$?; echo "RLAIF branch failed; end of $runs/logs/rlaif.log:"; tail -n 30 "$runs/logs/rlaif.log"; }
     wait "$rlhf_pid" || { status=$?; echo "RLHF branch failed; end of $runs/logs/rlhf.log:"; tail -n 30 "$runs/logs/rlhf.log"; }
-    grep -h "^=== " "$runs/logs/rlaif.log" "$runs/logs/rlhf.log"
     [[ $status == 0 ]] || exit "$status"
 else
     rlaif "$@"

@@ -30,7 +30,7 @@ from minirlaif import synthetic
 from minirlaif.config import Between, NonNegative, Positive, PositiveOrAll, require
 from minirlaif.data import build_query, encode_completion, format_completion, load_posts
 from minirlaif.generation import generate_texts
-from minirlaif.models import (fuse_gelu, grow_embeddings, load_causal_lm, load_tokenizer, pad_batch, position_ids,
+from minirlaif.models import (causal_lm_logits, fuse_gelu, grow_embeddings, load_causal_lm, load_tokenizer, pad_batch,
                               set_attention, tiny_gpt2_config, train_bpe_tokenizer)
 from minirlaif.run import Run, RunConfig, cli
 from minirlaif.utils import autocast, batch_indices, linear_lr
@@ -155,7 +155,7 @@ def collate(batch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 def completion_loss_sum(model, ids, mask, loss_mask) -> torch.Tensor:
     """Sum over completion tokens of -log p(token | prefix); the caller divides by the global token count."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits  # (B, T, V)
+    logits, _ = causal_lm_logits(model, ids, mask)  # (B, T, V); a token past the tokenizer has probability 0
     targets = ids[:, 1:].masked_fill(loss_mask[:, 1:] == 0, -100)  # (B, T-1), -100: not a target
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                            reduction="sum")

@@ -94,8 +94,8 @@ def generate_texts(model, tokenizer, queries: list[list[int]], max_new_tokens: i
     out: list[dict | None] = [None] * len(queries)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
-        from tqdm import tqdm
-        batches = tqdm(batches, desc="generate", leave=False)
+        from minirlaif.run import progress
+        batches = progress(batches, "generate")
     for idx in batches:
         ids, mask = pad_batch([queries[i] for i in idx], tokenizer.pad_token_id, side="left")
         gen = generate(model, ids.to(device), mask.to(device), max_new_tokens, tokenizer.eos_token_id,
@@ -161,7 +161,8 @@ def vllm_generate(model_path: str, queries: list[list[int]], n: int, max_new_tok
     llm = vllm_engine(model_path, seed, tensor_parallel_size, gpu_memory_utilization)
     tok = llm.get_tokenizer()
     params = [SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=s,
-                             stop_token_ids=[tok.eos_token_id], skip_special_tokens=False)
+                             stop_token_ids=[tok.eos_token_id], skip_special_tokens=False,
+                             allowed_token_ids=tokenizer_ids(llm))
               for s in (seeds if seeds is not None else row_seeds(seed, n=len(queries)))]
     prompts = [{"prompt_token_ids": q} for q in queries]
     try:
@@ -170,6 +171,13 @@ def vllm_generate(model_path: str, queries: list[list[int]], n: int, max_new_tok
         close_vllm(llm)
     return [[{"text": decode_summary(tok, list(o.token_ids)), "token_ids": list(o.token_ids)}
              for o in r.outputs] for r in results]
+
+
+def tokenizer_ids(llm) -> list[int] | None:
+    """vLLM's `allowed_token_ids` that keep it from sampling ids past the tokenizer, as `models.limit_vocab` keeps
+    our sampler; None when the model's output has no rows past the tokenizer (nothing to mask)."""
+    n_tokens = len(llm.get_tokenizer())
+    return list(range(n_tokens)) if n_tokens < llm.llm_engine.model_config.get_vocab_size() else None
 
 
 def close_vllm(llm) -> None:
@@ -219,6 +227,7 @@ class VLLMRollout:
         self.llm = vllm_engine(model_path, seed, gpu_memory_utilization=gpu_memory_utilization,
                                logprobs_mode="processed_logprobs", **kwargs)
         self._diff_sum, self._diff_max, self._n = 0.0, 0.0, 0
+        self.allowed = tokenizer_ids(self.llm)  # the mask the policy's own log-probs apply (models.limit_vocab)
 
     def sync(self, model) -> None:
         """Load `model`'s weights into the engine, in place, then drop vLLM's prefix cache (its keys and values
@@ -239,7 +248,7 @@ class VLLMRollout:
 
         queries = [ids[m.bool()].tolist() for ids, m in zip(query_ids.cpu(), query_mask.cpu())]
         params = [SamplingParams(temperature=temperature, max_tokens=max_new_tokens, seed=s, stop_token_ids=[eos_id],
-                                 logprobs=0, detokenize=False) for s in seeds]
+                                 logprobs=0, detokenize=False, allowed_token_ids=self.allowed) for s in seeds]
         outs = [r.outputs[0] for r in self.llm.generate([{"prompt_token_ids": q} for q in queries], params,
                                                          use_tqdm=False)]
         B, R, device = len(outs), max(len(o.token_ids) for o in outs), query_ids.device

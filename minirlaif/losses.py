@@ -201,7 +201,8 @@ def entropy_from_logits(logits, temperature=1.0, mask=None):
     for bs, ts in _blocks(logits):
         z = logits[bs, ts].to(dtype) / temperature  # (b, t, V)
         logp = torch.log_softmax(z, dim=-1)  # (b, t, V)
-        entropy[bs, ts] = -(logp.exp() * logp).sum(-1)
+        # a masked token (logit -inf: models.limit_vocab) has p = 0 and log p = -inf: 0 * -inf is NaN, 0 * min is 0
+        entropy[bs, ts] = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
     if mask is not None:
         entropy = torch.where(mask.bool(), entropy, torch.zeros((), dtype=dtype, device=entropy.device))
     return entropy

@@ -114,9 +114,28 @@ def set_attention(model: nn.Module, device: torch.device | str, bf16: bool) -> n
 
 
 def load_causal_lm(path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+    """A causal LM that never gives probability to a token its tokenizer (saved with it) does not have."""
     from transformers import AutoModelForCausalLM
 
-    return fuse_gelu(AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = load_tokenizer(path)
+    except (OSError, ValueError, TypeError):  # a checkpoint saved without its tokenizer: nothing to limit it to
+        return fuse_gelu(model)
+    return fuse_gelu(limit_vocab(model, len(tokenizer)))
+
+
+def limit_vocab(model: nn.Module, n_tokens: int) -> nn.Module:
+    """Mask the output rows past the tokenizer's last token (`causal_lm_logits` sets their logits to -inf).
+
+    Checkpoints pad their embedding past the tokenizer for fast matmuls (Qwen2: 151,936 rows for 151,646 tokens).
+    Those rows are never a target, but a barely trained model (or a high temperature) still samples them, and no
+    stage can decode or score such an id. Masked here, they get probability 0 in sampling and in every log-prob
+    the trainers compute, so old and new log-probs stay on one distribution.
+    """
+    if n_tokens < model.get_output_embeddings().weight.shape[0]:
+        model.vocab_limit = n_tokens
+    return model
 
 
 def grow_embeddings(model: nn.Module, tokenizer) -> nn.Module:
@@ -273,6 +292,8 @@ def causal_lm_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, ke
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask) if positions is None else positions,
                 use_cache=cache is not None, **{name: cache}, **kwargs)
     logits = out.logits if kwargs or keep == 0 else out.logits[:, -keep:]
+    if (n := getattr(model, "vocab_limit", None)) is not None:  # ids past the tokenizer: probability 0
+        logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= n, float("-inf"))
     return logits, (getattr(out, name) if cache is not None else None)
 
 

@@ -26,6 +26,7 @@ REFERENCE_RM_ACC = {  # the seed's RM accuracies in %, by RM and test set
     "rm_human": {"human_conf8": 69.3},
 }
 DISPLAY = {"sft": "SFT", "ppo": "RLAIF", "ppo_rlhf": "RLHF", "reference": "reference"}
+SMOKE_PRESETS = ("micro",)  # report.md says their numbers mean nothing
 
 
 def algorithm_rows(policies: dict[str, str], comparisons: list[dict], runs: Path) -> dict[str, dict]:
@@ -162,17 +163,21 @@ def cell(text: str | None, limit: int = 300) -> str:
 def write_report(path: Path, result: dict, cfg, plots: list[str]) -> None:
     """report.md: results next to the seed's and the paper's numbers, the RMs, the policies, plots and samples."""
     j = result["judge"]
-    lines = [f"# Evaluation ({cfg.preset} preset)", "",
-             f"{result['n_posts']} posts of `{cfg.dataset}` [{cfg.split}], greedy summaries of at most "
-             f"{cfg.max_new_tokens} tokens. Judge: **{j['description']}**, every pair in both orders, the two "
-             f"un-flipped probabilities averaged; a pair is a win or a loss when the average is more than "
-             f"{cfg.tie_eps:g} from 0.5, else a tie (ties count half). 95% CIs: percentile bootstrap over posts "
-             f"({cfg.n_bootstrap} resamples, seed {cfg.seed}). LC: length-controlled win rate (logistic fit of the "
-             f"outcome on the {'log ' if cfg.lc_feature == 'log_ratio' else ''}word-length ratio, read at ratio 1).",
-             "", "## Win rates", "",
-             "| policy vs baseline | win rate [95% CI] | ties | LC win rate [95% CI] | n | words (policy / baseline) "
-             "| judge score (policy / baseline) | seed | paper | paper LC |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"# Evaluation ({cfg.preset} preset)", ""]
+    if cfg.preset in SMOKE_PRESETS:
+        lines += [f"> **A smoke run, not a result.** The {cfg.preset} preset trains a few steps per stage on a few "
+                  "posts to check that every stage runs; its win rates and accuracies mean nothing (untrained "
+                  "policies mostly tie). `bash run_pipeline.sh` (the tiny preset) gives results.", ""]
+    lines += [f"{result['n_posts']} posts of `{cfg.dataset}` [{cfg.split}], greedy summaries of at most "
+              f"{cfg.max_new_tokens} tokens. Judge: **{j['description']}**, every pair in both orders, the two "
+              f"un-flipped probabilities averaged; a pair is a win or a loss when the average is more than "
+              f"{cfg.tie_eps:g} from 0.5, else a tie (ties count half). 95% CIs: percentile bootstrap over posts "
+              f"({cfg.n_bootstrap} resamples, seed {cfg.seed}). LC: length-controlled win rate (logistic fit of the "
+              f"outcome on the {'log ' if cfg.lc_feature == 'log_ratio' else ''}word-length ratio, read at ratio 1).",
+              "", "## Win rates", "",
+              "| policy vs baseline | win rate [95% CI] | ties | LC win rate [95% CI] | n | words (policy / baseline) "
+              "| judge score (policy / baseline) | seed | paper | paper LC |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
         ref = REFERENCE_WIN_RATES.get((c["policy"], c["baseline"]), {})
         ci, lc_ci = (f" [{pct(x[0])}, {pct(x[1])}]" if x else "" for x in (c["ci95"], c["lc_ci95"]))

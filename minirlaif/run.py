@@ -266,8 +266,8 @@ class Run:
             print(f"{self.name}: {self.out_dir} holds a finished run of this config, but its input {names} changed "
                   f"since; running again")
             return None
-        print(f"{self.name}: {self.out_dir} already holds a finished run of this config on unchanged inputs; "
-              f"skipping (delete it to rerun)")
+        print(f"{self.name}: {self.out_dir} is finished with this config on these inputs; skipping (--no-resume "
+              f"reruns it)")
         return metrics
 
     def _start(self) -> bool:
@@ -484,6 +484,15 @@ class Run:
 
     def close(self) -> None:
         cleanup_dist(self.dist)
+
+
+def progress(items, desc: str):
+    """`items` with a progress bar when stderr is a terminal; plain otherwise, so a log file gets no carriage-return
+    frames (what a log needs is in the stages' own lines)."""
+    if not sys.stderr.isatty():
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, leave=False)
 
 
 def remove(path: Path) -> None:

@@ -201,13 +201,55 @@ def test_reward_offset_rule_in_our_loader_and_plain_transformers(task, ckpt, tmp
 @pytest.mark.parametrize("ckpt", ARCHS, indirect=True)
 def test_micro_pipeline_runs_every_stage(task, ckpt, tmp_path):
     """SFT from the checkpoint, candidates + labels, RM, PPO, evaluate: a few steps each, on this architecture."""
-    d, runs = task["dir"], tmp_path
+    run_micro_pipeline(task, ckpt["dir"], tmp_path)
+    assert json.loads((tmp_path / "sft" / "config.json").read_text())["vocab_size"] == len(
+        load_tokenizer(str(ckpt["dir"])))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_vocabulary_padded_past_the_tokenizer_is_never_sampled(task, tmp_path, arch):
+    """An embedding padded 112 rows past a 402-token tokenizer and a flat output (the head zeroed: every id equally
+    likely, as in a barely trained model): the padded ids are masked in the sampler and in every log-prob, so no
+    stage writes one (label.py's pairs.jsonl was where train_rm.py stopped), the sampler's log-probs are a fresh
+    forward's under the mask, and the micro pipeline runs through."""
+    tok, pad = task["tok"], 112
+    torch.manual_seed(0)
+    config = make_config(arch, tok)
+    config.vocab_size = len(tok) + pad
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()  # flat: a padded id would be sampled 22% of the time
+    model.save_pretrained(tmp_path / "hub")
+    tok.save_pretrained(tmp_path / "hub")
+    m = load_causal_lm(str(tmp_path / "hub")).eval()
+    assert m.vocab_limit == len(tok)
+    q_ids, q_mask = pad_batch(queries(task), tok.pad_token_id, side="left")
+    gen = generate(m, q_ids, q_mask, 40, tok.eos_token_id, tok.pad_token_id, temperature=1.0,
+                   seeds=row_seeds(1, n=len(q_ids)), stop_at_eos=False)
+    assert gen.tokens.max() < len(tok) and gen.tokens.numel() == 5 * 40
+    ids, mask = torch.cat([q_ids, gen.tokens], 1), torch.cat([q_mask, gen.mask], 1)
+    with torch.no_grad():
+        raw = m(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, q_ids.shape[1] - 1:-1]
+        masked = raw.clone()
+        masked[..., len(tok):] = float("-inf")
+        want = logprobs_from_logits(masked, gen.tokens, 1.0) * gen.mask  # 0 after a row's EOS
+        torch.testing.assert_close(gen.logprobs, want, atol=1e-5, rtol=0)
+        unmasked = logprobs_from_logits(raw, gen.tokens, 1.0) * gen.mask
+        assert ((unmasked - gen.logprobs)[gen.mask.bool()] < -0.1).all()  # the mask matters here: 22% of the mass
+    runs = tmp_path / "runs"
+    run_micro_pipeline(task, tmp_path / "hub", runs)
+    pairs = [json.loads(x) for x in (runs / "labels" / "pairs.jsonl").read_text().splitlines()]
+    n_tokens = len(load_tokenizer(str(runs / "sft")))
+    assert max(t for p in pairs for k in ("tokens_a", "tokens_b") for t in p[k]) < n_tokens
+
+
+def run_micro_pipeline(task, model_dir, runs):
+    d = task["dir"]
     common = ["--preset", "micro", "--task-dir", ""]
     sft = train_sft.main(parse_config(train_sft.Config, train_sft.PRESETS, [
-        *common, "--dataset", str(d / "sft"), "--model", str(ckpt["dir"]), "--out-dir", str(runs / "sft"),
+        *common, "--dataset", str(d / "sft"), "--model", str(model_dir), "--out-dir", str(runs / "sft"),
         "--max-steps", "4", "--n-judge", "4", "--n-val", "8", "--max-query-tokens", "120"]))
     assert sft["steps"] == 4
-    assert json.loads((runs / "sft" / "config.json").read_text())["vocab_size"] == len(load_tokenizer(str(ckpt["dir"])))
     label.main(parse_config(label.Config, label.PRESETS, [
         *common, "--comparisons", str(d / "comparisons"), "--sft-path", str(runs / "sft"), "--out-dir",
         str(runs / "labels"), "--max-posts", "24", "--max-query-tokens", "120"]))

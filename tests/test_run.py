@@ -76,7 +76,7 @@ def test_a_finished_run_is_skipped_only_for_the_same_config_and_inputs(tmp_path,
     cfg, calls = Cfg(out_dir=str(tmp_path / "out")), []
     first = toy_stage(cfg, data, calls=calls)
     assert toy_stage(cfg, data, calls=calls) == first and len(calls) == 1
-    assert "already holds a finished run of this config on unchanged inputs; skipping" in capsys.readouterr().out
+    assert "is finished with this config on these inputs; skipping" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["inputs"]["data"] == {"path": str(data), "sha256": manifest["inputs"]["data"]["sha256"]}
     # the same bytes written again (a new mtime): the same content, still skipped
