@@ -48,6 +48,7 @@ from minirlaif.config import Between, Choice, NonNegative, Positive, PositiveOrA
 from minirlaif.data import build_query, load_comparisons, load_posts
 from minirlaif.judges import PromptConfig, human_agreement, judge_pairs, position_bias, usage_summary
 from minirlaif.labelers import LabelerConfig, make_labeler, resolve_device
+from minirlaif.models import check_model
 from minirlaif.run import Run, cli, progress
 from minirlaif.utils import (CANDIDATE_SCHEMA, PAIR_SCHEMA, append_jsonl, read_jsonl, read_jsonl_resumable,
                              unique_ids, write_json)
@@ -323,6 +324,8 @@ def main(cfg: Config) -> dict:
     # our own rows are append-only and resumable: a rerun continues them unless the config (other than how the run
     # proceeds: RUN_CONTROL) or an input changed; then they are deleted (but never another run's candidates)
     partial = ("pairs.jsonl", "position_bias.json", *(() if external else ("candidates.jsonl",)))
+    if not cfg.align and not external:  # the policy that samples the candidates (a reward model would not do)
+        check_model(cfg.sft_path, "causal-lm", "--sft-path")
     run = Run(cfg, "label", inputs, run_control=RUN_CONTROL, partial=partial, out_dir=out_dir)
     if run.finished:
         return run.finished

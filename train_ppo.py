@@ -418,13 +418,13 @@ def main(cfg: Config) -> dict:
     value_path = cfg.value_path or (cfg.rm_path if cfg.reward == "rm" else cfg.sft_path)
     inputs = {"sft": cfg.sft_path, "dataset": cfg.dataset, **({"rm": cfg.rm_path} if cfg.reward == "rm" else {}),
               **({"value": value_path} if ESTIMATORS[cfg.algo].value_model else {})}
+    check_model(cfg.sft_path, "causal-lm", "--sft-path")  # a wrong path is one line naming the flag, before any work
+    if cfg.reward == "rm":  # a causal LM as the reward model would be scored by a new, random head
+        check_model(cfg.rm_path, "reward-model", "--rm-path")
     run = Run(cfg, "ppo", inputs)  # skip a finished run; torchrun, seeds, threads
     if run.finished:
         return run.finished
     k, num_updates = batch_layout(cfg, run.world_size)  # derived sizes, checked once
-    check_model(cfg.sft_path, "causal-lm", "--sft-path")
-    if cfg.reward == "rm":  # a causal LM as the reward model would be scored by a new, random head
-        check_model(cfg.rm_path, "reward-model", "--rm-path")
 
     # data: the queries (and their posts, for a labeler and the samples table)
     tokenizer = load_tokenizer(cfg.sft_path)

@@ -249,12 +249,12 @@ def main(cfg: Config) -> dict:
     inputs = {"sft_model": cfg.sft_path, "reference_dataset": cfg.reference_dataset, "comparisons": cfg.comparisons}
     if cfg.feedback != "human" or Path(cfg.labels_path).is_file():  # the RLHF RM scores itself on the AI test split
         inputs["labels"] = cfg.labels_path
+    check_model(cfg.sft_path, "causal-lm", "--sft-path")  # a wrong path is one line naming the flag, before any work
     run = Run(cfg, "rm", inputs)  # skip a finished run; torchrun, seeds, threads
     if run.finished:
         return run.finished
     require(cfg.batch_size % (run.world_size * cfg.micro_batch_size) == 0, f"--batch-size {cfg.batch_size} must be "
             f"a multiple of --micro-batch-size {cfg.micro_batch_size} times the {run.world_size} rank(s)")
-    check_model(cfg.sft_path, "causal-lm", "--sft-path")
 
     # the SFT backbone plus a new scalar head, seeded by --seed alone so that every rank starts from the same one
     tokenizer = load_tokenizer(cfg.sft_path)

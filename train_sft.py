@@ -30,8 +30,8 @@ from minirlaif import synthetic
 from minirlaif.config import Between, NonNegative, Positive, PositiveOrAll, require
 from minirlaif.data import build_query, encode_completion, format_completion, load_posts
 from minirlaif.generation import generate_texts
-from minirlaif.models import (causal_lm_logits, fuse_gelu, grow_embeddings, load_causal_lm, load_tokenizer, pad_batch,
-                              set_attention, tiny_gpt2_config, train_bpe_tokenizer)
+from minirlaif.models import (causal_lm_logits, check_model, fuse_gelu, grow_embeddings, load_causal_lm, load_tokenizer,
+                              pad_batch, set_attention, tiny_gpt2_config, train_bpe_tokenizer)
 from minirlaif.run import Run, RunConfig, cli
 from minirlaif.utils import autocast, batch_indices, linear_lr
 
@@ -196,6 +196,8 @@ def judge_scores(model, tokenizer, posts, cfg: Config, device) -> dict:
 def main(cfg: Config) -> dict:
     if cfg.task_dir:  # the tiny presets' synthetic task (deterministic; skipped when present)
         synthetic.write_task(cfg.task_dir)
+    if cfg.model:  # a wrong path is one line naming the flag, before any work
+        check_model(cfg.model, "causal-lm", "--model")
     run = Run(cfg, "sft", inputs={"dataset": cfg.dataset, "model": cfg.model or "(tiny, from scratch)"})
     if run.finished:
         return run.finished

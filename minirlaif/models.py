@@ -186,7 +186,7 @@ def head(model: nn.Module) -> nn.Module:
 # what each kind of model looks like in its config.json, and which stage makes it
 MODEL_KINDS = {
     "causal-lm": (("ForCausalLM", "LMHeadModel"), "a causal LM", "train_sft.py"),
-    "reward-model": (("ForSequenceClassification",), "a reward model (one score)", "train_rm.py"),
+    "reward-model": (("ForSequenceClassification",), "a reward model", "train_rm.py"),
 }
 
 
@@ -199,7 +199,7 @@ def check_model(path: str, kind: str, flag: str) -> None:
 
     want, what, made_by = MODEL_KINDS[kind]
     p = Path(path)
-    hint = f"{made_by} writes {what} (python {made_by} --preset ...)"
+    hint = f"{made_by} writes {what}: run it first, or give the path of one"
     if not p.exists():
         if len(p.parts) <= 2 and not path.startswith((".", "/", "~", "runs")):
             return  # a hub id: transformers loads (or fails to reach) it
@@ -212,8 +212,8 @@ def check_model(path: str, kind: str, flag: str) -> None:
     if not any(a.endswith(want) for a in arch) or (kind == "reward-model" and n_labels != 1):
         found = next((w for k, (ends, w, _) in MODEL_KINDS.items() if any(a.endswith(ends) for a in arch)),
                      "another kind of model")
-        raise UserError(f"{flag} {path}: that is {found} ({', '.join(arch) or 'no architectures'}"
-                        f"{f', {n_labels} labels' if 'ForSequenceClassification' in ''.join(arch) else ''}), not "
+        labels = f", {n_labels} labels" if "ForSequenceClassification" in "".join(arch) else ""
+        raise UserError(f"{flag} {path}: that is {found} ({', '.join(arch) or 'no architectures'}{labels}), not "
                         f"{what}; {hint}")
 
 

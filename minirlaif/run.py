@@ -35,6 +35,7 @@ import random
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -547,7 +548,8 @@ def cli(main, config_cls, presets: dict, argv: list[str] | None = None, renamed:
         print(f"\ninterrupted{where}; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
     except (UserError, DataError) as e:
-        if debug:
-            raise
-        print(f"{Path(sys.argv[0]).name}: {e}" if isinstance(e, DataError) else e, file=sys.stderr)
+        if debug:  # a UserError is a SystemExit, which Python prints without its traceback
+            traceback.print_exc()
+        else:
+            print(f"{Path(sys.argv[0]).name}: {e}" if isinstance(e, DataError) else e, file=sys.stderr)
         sys.exit(1)
