@@ -22,7 +22,7 @@ Algorithm:
   5. out_dir: eval.json (everything, incl. per-pair outcomes), metrics.json (headline numbers), report.md (tables
      next to the seed's and the paper's numbers, side-by-side samples), PNG plots, manifest.json.
 
-Deliberate choices (see README "Implementation details"):
+Deliberate choices (docs/algorithms.md has the details and their sources):
 - both judge orders, averaged (the seed showed one random order; a position-biased judge then adds noise and, with
   an unseeded order, irreproducibility); a judge that always prefers the first position scores exactly 0.5;
 - greedy decoding, as the seed; every number comes with a bootstrap CI over prompts;

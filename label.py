@@ -14,7 +14,7 @@ Outputs in out_dir: candidates.jsonl (the samples, with token ids), pairs.jsonl 
 RM's training data), position_bias.json, metrics.json, manifest.json. Both jsonl files are append-only: a rerun
 skips what is written, a kill loses only the rows in flight, and no id is ever written twice.
 
-Deliberate choices (see README "Implementation details"):
+Deliberate choices (docs/algorithms.md has the details and their sources):
 - labels are normalised over {"1", "2"} (the seed used raw probabilities) and never clipped; the mass the two
   answers had is recorded, and a pair whose answer cannot be read gets p_a = null with a reason, not a guess;
 - a pair with a null label in either order gets p_a = null: one order alone would bring the position bias back;

@@ -11,12 +11,14 @@
 # runs the RLAIF and RLHF branches side by side or one after the other (default: side by side on the CPU
 # presets tiny and micro, in a row for gpt2-large, whose stages each want every GPU).
 #
-# ALGOS="reinforce rloo grpo direct" (any subset, default none) also trains those RL variants on the same SFT
-# model and episode budget after the RLAIF and RLHF branches, each into runs/<preset>/<variant>, and evaluate.py
-# compares each with SFT and with PPO-RLAIF (report.md's "Algorithms" table):
-#   reinforce  --algo reinforce (the paper's REINFORCE with a value baseline, on the AI RM)
-#   rloo, grpo --algo rloo / grpo (no value model, k = 4 samples per query, on the AI RM)
-#   direct     --reward direct --algo rloo (d-RLAIF: the labeler's 1-10 ratings are the reward; no RM)
+# ALGOS="reinforce rloo grpo reinforce++ dr-grpo direct" (any subset, default none) also trains those RL variants
+# on the same SFT model and episode budget after the RLAIF and RLHF branches, each into runs/<preset>/<variant>,
+# and evaluate.py compares each with SFT and with PPO-RLAIF (report.md's "Algorithms" table):
+#   reinforce    --algo reinforce (the paper's REINFORCE with a value baseline, on the AI RM)
+#   rloo, grpo   --algo rloo / grpo (no value model, k = 4 samples per query, on the AI RM)
+#   reinforce++  --algo reinforce++ (the reward-to-go, globally whitened; no value model, on the AI RM)
+#   dr-grpo      --algo dr-grpo (the group mean baseline, token sums over a constant length, k = 4; on the AI RM)
+#   direct       --reward direct --algo rloo (d-RLAIF: the labeler's 1-10 ratings are the reward; no RM)
 #
 # SEEDS="1 2 3" runs the whole pipeline once per seed (`--seed N` for every stage), each under seeds/seedN/ (its
 # own runs/<preset>/), then aggregates the evaluations into runs/<preset>/seeds/report.md: per comparison each
@@ -106,9 +108,9 @@ fi
 
 variant_flags() {  # the train_ppo.py flags of one ALGOS entry
     case "$1" in
-        reinforce|rloo|grpo) echo "--algo $1" ;;
+        reinforce|rloo|grpo|reinforce++|dr-grpo) echo "--algo $1" ;;
         direct) echo "--reward direct --algo rloo" ;;
-        *) echo "ALGOS: unknown variant '$1' (reinforce, rloo, grpo or direct)" >&2; return 1 ;;
+        *) echo "ALGOS: unknown variant '$1' (reinforce, rloo, grpo, reinforce++, dr-grpo or direct)" >&2; return 1 ;;
     esac
 }
 for variant in ${ALGOS:-}; do

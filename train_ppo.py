@@ -15,15 +15,14 @@ One update, in main()'s numbered steps (docs/algorithms.md explains each, with t
 The math is in minirlaif/losses.py, the run machinery (torchrun, checkpoints, logs) in minirlaif/run.py.
 
 Deliberate deviations from TRL 0.13's PPOTrainer: old log-probs from sampling (one forward pass saved), the score
-on the EOS (TRL: one slot later), losses normalised over the mini-batch (TRL: per micro-batch). The paper's
-REINFORCE maximises (1 - beta) r - beta KL, our r - kl_coef KL at kl_coef = beta / (1 - beta) up to a scale that
-whitening removes. The group estimators keep the KL in the reward (as TRL's RLOO), not in the loss (GRPO's paper).
+on the EOS (TRL: one slot later), losses normalised over the mini-batch (TRL: per micro-batch); from the papers:
+the paper's REINFORCE's (1 - beta) r - beta KL is our r - kl_coef KL up to a scale whitening removes, and the group
+estimators keep the KL in the reward (as TRL's RLOO), not in the loss (GRPO's paper).
 
-Commands:
+Commands (--trace N writes N episodes' numbers token by token into out_dir/trace):
   CPU, tiny (default):  python train_ppo.py            (fp32; --bf16 on a CPU with AVX512-BF16/AMX: ~1.7x)
   RLHF baseline:        python train_ppo.py --rm-path runs/tiny/rm_human --out-dir runs/tiny/ppo_rlhf
-  other estimators:     python train_ppo.py --algo rloo --out-dir runs/tiny/rloo   (any of ESTIMATORS), or d-RLAIF:
-                        python train_ppo.py --reward direct --out-dir runs/tiny/direct  (--labeler rule|hf|vllm|openai)
+  other RL:             python train_ppo.py --algo rloo --out-dir runs/tiny/rloo; d-RLAIF: --reward direct
   GPUs:                 [torchrun --nproc_per_node 4] train_ppo.py --preset gpt2-large [--rollout-backend vllm]
 """
 
@@ -46,9 +45,10 @@ from minirlaif.losses import (AdaptiveKLController, FixedKLController, dr_grpo_a
                               masked_whiten, ppo_policy_loss, ppo_value_loss, reinforce_advantages, reward_to_go,
                               rloo_advantages)
 from minirlaif.models import (check_model, disable_dropout, last_index, load_causal_lm, load_scalar_model,
-                              load_tokenizer, pad_batch, response_logits, set_attention, token_scores)
+                              load_tokenizer, pad_batch, response_logits, set_attention, token_scores, trim)
 from minirlaif.reward import LabelerReward, RMReward, leave_out_unscored, write_samples
 from minirlaif.run import Run, RunConfig, cli
+from minirlaif.trace import PPOTrace, traced_updates
 from minirlaif.utils import autocast, batch_indices, first_last, linear_lr
 
 
@@ -168,6 +168,10 @@ class Config(LabelerConfig, RunConfig):  # inherited: --labeler and its settings
     """updates between rows of samples.jsonl"""
     n_samples: NonNegative[int] = 4
     """samples per row group in samples.jsonl"""
+    trace: NonNegative[int] = 0
+    """trace this many episodes (rank 0's first) of each --trace-updates, token by token, into out_dir/trace"""
+    trace_updates: str = "first,last"
+    """the updates --trace traces: first, last and update numbers, comma-separated"""
 
 
 PRESETS = {
@@ -181,8 +185,7 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# steps 1-5: models, rollout, scores, KL rewards, advantages
+# ---- steps 1-5: models, rollout, scores, KL rewards, advantages -------------------------------------------------
 
 
 def load_models(cfg: Config, tokenizer, device, value_path: str):
@@ -224,12 +227,10 @@ def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
 
 
 def episode_layout(update: int, n_queries: int, k: int, cfg: Config, dist) -> tuple[list[int], list[int]]:
-    """This rank's (query index, sampling seed) per row of update `update`'s global batch.
-
-    batch_size / k queries, each sampled k times in consecutive rows (a group); group g goes to rank g % world_size,
-    so a group estimator sees all of a query's samples on one rank. A row's seed depends only on (seed, update, its
-    place in the global batch): any number of ranks samples what one process samples.
-    """
+    """This rank's (query index, sampling seed) per row of update `update`'s global batch: batch_size / k queries,
+    each sampled k times in consecutive rows (a group); group g goes to rank g % world_size, so a group estimator
+    sees all of a query's samples on one rank. A row's seed depends only on (seed, update, its place in the global
+    batch): any number of ranks samples what one process samples."""
     n_groups = cfg.batch_size // k
     queries = batch_indices(update, n_queries, n_groups, cfg.seed)  # (n_groups,): a seeded epoch permutation
     seeds = row_seeds(cfg.seed, update, n=cfg.batch_size)  # (batch_size,), row g * k + j: sample j of group g
@@ -239,10 +240,8 @@ def episode_layout(update: int, n_queries: int, k: int, cfg: Config, dist) -> tu
 
 def response_values(value_model, ids, mask, n_response: int) -> torch.Tensor:
     """V(s_t) for each response token t: the value head at the position just before the token. (B, R)
-
         position:  ... q_last  r_0  r_1 ... r_{R-1}
-        value:         V(r_0) V(r_1) ...  V(r_{R-1})   (the state before the token is sampled)
-    """
+        value:         V(r_0) V(r_1) ...  V(r_{R-1})   (the state before the token is sampled)"""
     return token_scores(value_model, ids, mask)[:, -n_response - 1:-1]
 
 
@@ -304,31 +303,23 @@ def kl_rewards_and_advantages(batch: dict, kl_coef: float, k: int, cfg: Config, 
     est = ESTIMATORS[cfg.algo]
     if cfg.whiten_rewards:  # scale only: the mean reward is kept (OpenAI, TRL)
         rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=dist.all_reduce)
-    advantages, returns = est.advantages(rewards, batch.get("values"), mask, k, cfg)
-    if est.whiten:  # returns are not whitened: the value model learns the returns' own scale
-        advantages = masked_whiten(advantages, mask, all_reduce=dist.all_reduce)
-    return {**batch, "kl": kl, "rewards": rewards, "advantages": advantages,
+    raw_advantages, returns = est.advantages(rewards, batch.get("values"), mask, k, cfg)
+    advantages = raw_advantages  # returns are not whitened: the value model learns the returns' own scale
+    if est.whiten:
+        advantages = masked_whiten(raw_advantages, mask, all_reduce=dist.all_reduce)
+    return {**batch, "kl": kl, "rewards": rewards, "raw_advantages": raw_advantages, "advantages": advantages,
             **({"returns": returns} if returns is not None else {})}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# step 6: the update
+# ---- step 6: the update -----------------------------------------------------------------------------------------
 
 
 UPDATE_KEYS = ("query", "query_mask", "response", "response_mask", "logprobs", "values", "advantages", "returns")
 
 
-def trim(mb: dict) -> dict:
-    """Drop the columns that are padding in every row of a micro-batch: fewer positions, the same numbers (queries
-    are left-padded, responses right-padded, and positions come from the mask)."""
-    q0 = int(mb["query_mask"].any(0).int().argmax())  # first column holding a real query token
-    r1 = int(mb["response_mask"].any(0).sum())  # response columns holding a real token form a prefix
-    return {k: v[:, q0:] if k.startswith("query") else v[:, :r1] for k, v in mb.items()}
-
-
-def policy_loss(policy, mb: dict, num_valid, cfg: Config, device) -> tuple[torch.Tensor, dict]:
-    """Step 6, policy half, on one (trimmed) micro-batch: its share of the mini-batch's clipped policy loss (the
-    shares over micro-batches sum to the mean: `num_valid` counts the whole mini-batch), and its statistics."""
+def policy_loss(policy, mb: dict, num_valid, cfg: Config, device) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Step 6, policy half, on one micro-batch: its share of the mini-batch's clipped policy loss (the shares sum to
+    the mean: `num_valid` counts the whole mini-batch), its statistics, and the new log-probs (b, R) it used."""
     ids, mask = torch.cat([mb["query"], mb["response"]], 1), torch.cat([mb["query_mask"], mb["response_mask"]], 1)
     m = mb["response_mask"]
     with autocast(device, cfg.bf16):
@@ -338,26 +329,27 @@ def policy_loss(policy, mb: dict, num_valid, cfg: Config, device) -> tuple[torch
     with torch.no_grad():
         entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), m, num_valid=num_valid)
     return pg_loss, {"objective/entropy": entropy, "ppo/policy_loss": pg_loss.detach(),
-                     **{f"ppo/{k}": v for k, v in stats.items()}}
+                     **{f"ppo/{k}": v for k, v in stats.items()}}, logprobs.detach()
 
 
-def value_loss(value_model, mb: dict, num_valid, cfg: Config, device) -> tuple[torch.Tensor, dict]:
-    """Step 6, value half, on one (trimmed) micro-batch: its share of the mini-batch's clipped value loss."""
+def value_loss(value_model, mb: dict, num_valid, cfg: Config, device) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Step 6, value half, on one (trimmed) micro-batch: its share of the mini-batch's clipped value loss, its
+    statistics, and the new values (b, R) it used."""
     ids, mask = torch.cat([mb["query"], mb["response"]], 1), torch.cat([mb["query_mask"], mb["response_mask"]], 1)
     with autocast(device, cfg.bf16):
         values = response_values(value_model, ids, mask, mb["response"].shape[1])  # (b, R)
     vf_loss, stats = ppo_value_loss(values, mb["values"], mb["returns"], mb["response_mask"], cfg.cliprange_value,
                                     num_valid=num_valid)
-    return vf_loss, {"ppo/value_loss": vf_loss.detach(), "val/clipfrac": stats["clipfrac"]}
+    return vf_loss, {"ppo/value_loss": vf_loss.detach(), "val/clipfrac": stats["clipfrac"]}, values.detach()
 
 
-def ppo_update(policy, value_model, optimizers: dict, batch: dict, update: int, cfg: Config, run) -> dict:
+def ppo_update(policy, value_model, optimizers: dict, batch: dict, update: int, cfg: Config, run, trace=None) -> dict:
     """Step 6: `ppo_epochs` passes over this rank's batch, each a fresh seeded permutation, in `mini_batches`
     mini-batches (one optimizer step each) of micro-batches. Returns each statistic summed over micro-batches."""
     local_batch = cfg.batch_size // run.world_size
     local_mini, est, sums = local_batch // cfg.mini_batches, ESTIMATORS[cfg.algo], {}
     perm_gen = torch.Generator().manual_seed(cfg.seed * 104729 + update * 31 + run.rank)  # resumes exactly
-    for _ in range(cfg.ppo_epochs):
+    for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(local_batch, generator=perm_gen)
         for start in range(0, local_batch, local_mini):
             mini = perm[start: start + local_mini]
@@ -366,18 +358,21 @@ def ppo_update(policy, value_model, optimizers: dict, batch: dict, update: int, 
             n = batch["response_mask"][mini].sum() if est.token_mean else len(mini) * cfg.response_length
             num_valid = run.all_reduce(torch.as_tensor(n, device=run.device).float())
             for m_start in range(0, local_mini, cfg.micro_batch_size):
-                mb = trim({key: batch[key][mini[m_start: m_start + cfg.micro_batch_size]] for key in UPDATE_KEYS
-                           if key in batch})
+                rows = mini[m_start: m_start + cfg.micro_batch_size]
+                mb = trim({key: batch[key][rows] for key in UPDATE_KEYS if key in batch})  # the same numbers, cheaper
                 # the policy's graph is freed by its backward before the value model's forward: half the
                 # activation memory of one combined loss, the same gradients
-                pg_loss, stats = policy_loss(policy, mb, num_valid, cfg, run.device)
-                run.check_finite(update + 1, policy_loss=pg_loss)
+                pg_loss, stats, logprobs = policy_loss(policy, mb, num_valid, cfg, run.device)
+                run.check_finite(update + 1, policy_loss=pg_loss)  # stop before a NaN reaches the weights
                 pg_loss.backward()
+                values = None
                 if value_model is not None:
-                    vf_loss, vf_stats = value_loss(value_model, mb, num_valid, cfg, run.device)
+                    vf_loss, vf_stats, values = value_loss(value_model, mb, num_valid, cfg, run.device)
                     run.check_finite(update + 1, value_loss=vf_loss)
                     (cfg.vf_coef * vf_loss).backward()
                     stats.update(vf_stats)
+                if trace is not None:  # --trace: the log-probs (values) these very losses used, per epoch
+                    trace.record(epoch, rows, mb, logprobs, values, num_valid)
                 for key, v in stats.items():
                     sums[key] = sums.get(key, 0.0) + v
             for model, opt in ((policy, optimizers["policy"]), (value_model, optimizers.get("value"))):
@@ -390,8 +385,7 @@ def ppo_update(policy, value_model, optimizers: dict, batch: dict, update: int, 
 
 
 def update_metrics(batch: dict, sums: dict, kl_coef: float, n_left_out: int, reward, cfg: Config, run) -> dict:
-    """The update's row of metrics.jsonl: loss statistics (means over mini-batches, epochs and ranks) and
-    per-episode means over every rank's kept episodes (left-out ones are not zeros in a mean)."""
+    """The update's metrics.jsonl row: loss statistics (means over mini-batches, epochs and ranks), episode means."""
     metrics = {key: run.all_reduce(v / (cfg.ppo_epochs * cfg.mini_batches)).item() for key, v in sums.items()}
     mask, kept = batch["response_mask"], batch["kept"].float()  # (B, R), (B,)
     n_kept = run.all_reduce(kept.sum()).clamp(min=1)
@@ -408,7 +402,7 @@ def update_metrics(batch: dict, sums: dict, kl_coef: float, n_left_out: int, rew
     return metrics
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ---- main: data, models, the loop of steps 1-7, save ------------------------------------------------------------
 
 
 def main(cfg: Config) -> dict:
@@ -425,6 +419,7 @@ def main(cfg: Config) -> dict:
     if run.finished:
         return run.finished
     k, num_updates = batch_layout(cfg, run.world_size)  # derived sizes, checked once
+    est, traced = ESTIMATORS[cfg.algo], traced_updates(cfg.trace_updates, num_updates)
 
     # data: the queries (and their posts, for a labeler and the samples table)
     tokenizer = load_tokenizer(cfg.sft_path)
@@ -438,7 +433,7 @@ def main(cfg: Config) -> dict:
                   for name, m in (("policy", policy), ("value", value_model)) if m is not None}
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
               else FixedKLController(cfg.kl_coef))
-    counts = {"left_out": 0}
+    counts = {"left_out": 0}  # episodes left out so far (checkpointed with the rest)
     start = run.resume(policy=policy, value=value_model, policy_optimizer=optimizers["policy"],
                        value_optimizer=optimizers.get("value"), kl_ctl=kl_ctl, reward=reward, counts=counts)
     # the rollout engine, made once; vllm: loaded from sft_path, then synced with the policy before every rollout
@@ -450,16 +445,19 @@ def main(cfg: Config) -> dict:
     for update in run.steps(start, num_updates):
         # 2-3. rollout on this rank's share of the global batch, scored
         t0 = time.time()
-        idx, seeds = episode_layout(update, len(queries), k, cfg, run)
-        policy.eval()
+        idx, seeds = episode_layout(update, len(queries), k, cfg, run)  # whole groups; a seed per row
+        policy.eval()  # sampling builds no graph; train() again for the update
         engine.sync(policy)  # vllm: the engine samples from the weights of the last update (or of the checkpoint)
+        ep_posts = [posts[i] for i in idx]
         batch = rollout(policy, ref_policy, value_model, reward, [queries[i] for i in idx], seeds, tokenizer, cfg,
-                        run.device, [posts[i] for i in idx], engine)
-        n_left_out = int(run.all_reduce(leave_out_unscored(batch, k)).item())
+                        run.device, ep_posts, engine)
+        n_left_out = int(run.all_reduce(leave_out_unscored(batch, k)).item())  # d-RLAIF: unrated episodes, counted
         counts["left_out"] += n_left_out
         # 4-5. KL rewards, advantages
         batch = kl_rewards_and_advantages(batch, kl_ctl.value, k, cfg, run)
         t_rollout, t0 = time.time() - t0, time.time()
+        trace = (PPOTrace(batch, cfg.trace, update + 1, kl_ctl.value, k, est.whiten, cfg, run, tokenizer, ep_posts)
+                 if cfg.trace and update + 1 in traced else None)  # --trace: a reader's token-by-token view
 
         # 6. the update; the learning rate is a function of the update index (no scheduler state to checkpoint)
         lr_scale = linear_lr(update, num_updates, 1.0)  # linear decay to 0
@@ -467,7 +465,7 @@ def main(cfg: Config) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lrs[name] * lr_scale
         policy.train()
-        sums = ppo_update(policy, value_model, optimizers, batch, update, cfg, run)
+        sums = ppo_update(policy, value_model, optimizers, batch, update, cfg, run, trace)  # epochs x mini x micro
         t_update = time.time() - t0
 
         # 7. log, then the KL controller sees the KL this batch was sampled with
@@ -478,9 +476,11 @@ def main(cfg: Config) -> dict:
         kl_ctl.update(metrics["objective/kl"], cfg.batch_size)
         run.log(update + 1, metrics, show=("objective/scores", "objective/kl", "objective/entropy", "ppo/policy_loss",
                                            "ppo/clipfrac", "rollout/eos_rate", "rollout/response_len", "eps"))
+        if trace is not None:
+            trace.write(run.out_dir)
         if run.master and (update + 1) % cfg.sample_every == 0:
-            write_samples(run.out_dir / "samples.jsonl", update + 1, batch, [posts[i] for i in idx], tokenizer,
-                          reward, cfg.n_samples, cfg.max_query_tokens, cfg.response_length)
+            write_samples(run.out_dir / "samples.jsonl", update + 1, batch, ep_posts, tokenizer, reward, cfg.n_samples,
+                          cfg.max_query_tokens, cfg.response_length)
         run.checkpoint(update + 1)
 
     # final numbers and save

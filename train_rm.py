@@ -26,7 +26,7 @@ Feedback (`--feedback`):
 All report `acc_ai_test` (the AI test split, argmax of the soft label, ties excluded) and `acc_human_conf8` (the
 held-out human comparisons with confidence >= 8), so the two reward models are compared on the same pairs.
 
-Deliberate choices (see README "Implementation details"):
+Deliberate choices (docs/algorithms.md has the details and their sources):
 - the checkpoint is chosen on validation and numbers are reported on test (the seed chose on the split it reported);
 - over-long pairs are kept: the post is cut at its last newline (`data.build_query`, as for the SFT and PPO
   queries) and summaries are capped keeping their EOS, all counted (the seed dropped long pairs silently);
@@ -63,6 +63,7 @@ from minirlaif.reward import (HUMAN_CONFIDENCE, Encoder, PairRewards, evaluate_p
                               load_human_pairs, mean_reference_reward, padding_invariance, pair_batch, pair_metrics,
                               score_pairs, split_by_id, training_labels)
 from minirlaif.run import Run, RunConfig, cli
+from minirlaif.trace import rm_trace
 from minirlaif.utils import autocast, batch_indices, linear_lr
 
 
@@ -139,6 +140,8 @@ class Config(RunConfig):  # inherited: --resume, --bf16, --checkpoint-every, --w
     checkpoint_every: Positive[int] = 20
     log_every: Positive[int] = 5
     """steps between metric lines"""
+    trace: NonNegative[int] = 0
+    """write this many test pairs' rewards, margin, label and loss to out_dir/trace (docs/algorithms.md)"""
 
 
 PRESETS = {
@@ -260,6 +263,7 @@ def main(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.sft_path)
     pad_id = tokenizer.pad_token_id
     model = load_scalar_model(cfg.sft_path, pad_token_id=pad_id, head_seed=cfg.seed)
+    # dropout off: training and scoring see one function, and PPO's value model (started from it) too
     model = set_attention(disable_dropout(model).to(run.device).train(), run.device, cfg.bf16)
     n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     require(not n_positions or cfg.max_query_tokens + cfg.max_summary_tokens <= n_positions,
@@ -275,7 +279,7 @@ def main(cfg: Config) -> dict:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * (len(train) // cfg.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.95), fused=run.device.type == "cuda")
-    rewards_fn = PairRewards(model)  # each query encoded once for its two summaries
+    rewards_fn = PairRewards(model)  # each query encoded once for its two summaries: about half the compute
     best = {"loss": math.inf, "step": -1, "acc": None, "model": None}  # the lowest validation loss so far
     start = run.resume(model=model, optimizer=optimizer, best=best)
     run.say(f"rm ({cfg.feedback} feedback, {cfg.labels if cfg.feedback != 'human' else 'hard'} labels): {len(train)} "
@@ -285,8 +289,9 @@ def main(cfg: Config) -> dict:
     # the loop: one global batch of pairs per step
     t0, last_loss = time.time(), float("nan")
     for step in run.steps(start, total_steps):
-        for group in optimizer.param_groups:
+        for group in optimizer.param_groups:  # a function of the step: a resumed run needs no scheduler state
             group["lr"] = linear_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        # the global batch is a pure function of (step, seed): one process and N ranks, killed or not, see the same
         batch = [train[i] for i in batch_indices(step, len(train), cfg.batch_size, cfg.seed)]
         mine = batch[run.rank::run.world_size]  # this rank's share of the global batch
         sums = torch.zeros(4, device=run.device)  # loss, correct, decided pairs, reward sum
@@ -302,9 +307,9 @@ def main(cfg: Config) -> dict:
             correct = ((r_a > r_b) == (prob_a > 0.5)) & decided
             sums += torch.stack([loss.detach(), correct.sum().float(), decided.sum().float(),
                                  (r_a + r_b).detach().sum()])
-        run.sync_grads(model)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        sums = run.all_reduce(sums)
+        run.sync_grads(model)  # the sum over ranks of the shares above: the global batch's gradient
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # the norm before clipping
+        sums = run.all_reduce(sums)  # the logged loss and accuracy are the global batch's
         last_loss = sums[0].item()
         run.check_finite(step + 1, loss=last_loss, gradient_norm=grad_norm)  # before the step can spread it
         optimizer.step()
@@ -327,12 +332,14 @@ def main(cfg: Config) -> dict:
     train_time = time.time() - t0
 
     # the best validation checkpoint, shifted so that reference summaries score 0 on average
-    model.load_state_dict(best["model"])
+    model.load_state_dict(best["model"])  # chosen on validation, reported on test (the seed chose on what it reported)
     model.eval()
-    offset = center_on_references(model, tokenizer, cfg, run)  # in the weights where exact, else in the config
+    offset_info = center_on_references(model, tokenizer, cfg, run)  # in the weights where exact, else in the config
 
-    # test numbers
+    # test numbers (--trace: a few test pairs' numbers, for a reader)
     metrics = test_metrics(model, sets, cfg, pad_id, run)
+    if cfg.trace and run.master:
+        rm_trace(run.out_dir, model, (sets["ai_test"] or sets["human_conf8"])[: cfg.trace], pad_id, offset_info)
     metrics.update({
         "feedback": cfg.feedback,
         "labels": {"ai": cfg.labels, "human": "hard (human choice)",
@@ -342,7 +349,7 @@ def main(cfg: Config) -> dict:
         "n_excluded_inconsistent": counts.get("excluded", {}).get("n_inconsistent", 0),
         "best_step": best["step"], "val_loss_best": best["loss"], "val_acc_best": best["acc"],
         **invariance(model, sets, cfg, pad_id, run),
-        **offset, "train_loss": last_loss, "steps": total_steps, "train_time_s": train_time,
+        **offset_info, "train_loss": last_loss, "steps": total_steps, "train_time_s": train_time,
         "total_time_s": time.time() - run.t0, "n_train": len(train), "n_val": len(val),
         **enc.counts(), "counts": counts,
     })

@@ -4,7 +4,7 @@ Algorithm: next-token cross-entropy on the completion tokens only (the query is 
 over every completion token of the global batch, AdamW with linear warmup and linear decay, gradient clipping.
 The completion ends with EOS and the padding token is a separate `[PAD]`, so the model learns to stop.
 
-Deliberate choices (see README "Implementation details"):
+Deliberate choices (docs/algorithms.md has the details and their sources):
 - the loss is a token mean over the *global* batch (all micro-batches and ranks), so gradient accumulation and
   DDP give the same update as one big batch (the seed averaged per micro-batch);
 - over-long queries are cut at the post's last newline and counted, never dropped (`data.build_query`);
@@ -211,12 +211,12 @@ def main(cfg: Config) -> dict:
 
     # tokenizer and model
     tokenizer, model = load_or_build(cfg, train_posts)
-    set_attention(model, run.device, cfg.bf16).to(run.device).train()
+    set_attention(model, run.device, cfg.bf16).to(run.device).train()  # eager attention under CPU bf16 (faster)
     train, train_cuts = tokenize(train_posts, tokenizer, cfg)
     val, _ = tokenize(val_posts[: cfg.n_val] if cfg.n_val > 0 else val_posts, tokenizer, cfg)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * (len(train) // cfg.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.95), fused=run.device.type == "cuda")
+                                  betas=(0.9, 0.95), fused=run.device.type == "cuda")  # betas of GPT pretraining
     start = run.resume(model=model, optimizer=optimizer)  # the step fixes the data position and the learning rate
     run.say(f"sft: {len(train)} train / {len(val)} val examples, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
             f"M params, {total_steps} steps")
@@ -224,8 +224,9 @@ def main(cfg: Config) -> dict:
     # the loop: one global batch per step
     t0, last_loss = time.time(), float("nan")
     for step in run.steps(start, total_steps):
-        for group in optimizer.param_groups:
+        for group in optimizer.param_groups:  # a function of the step: a resumed run needs no scheduler state
             group["lr"] = linear_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        # the global batch is a pure function of (step, seed): one process and N ranks, killed or not, see the same
         batch = [train[i] for i in batch_indices(step, len(train), cfg.batch_size, cfg.seed)]
         mine = batch[run.rank::run.world_size]  # this rank's share of the global batch
         micro = [collate(mine[i: i + cfg.micro_batch_size], tokenizer.pad_token_id)
@@ -240,8 +241,8 @@ def main(cfg: Config) -> dict:
                                            loss_mask.to(run.device)) / n_tokens
             loss.backward()
             loss_sum += loss.detach()
-        run.sync_grads(model)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        run.sync_grads(model)  # the sum over ranks of the shares above: the global batch's gradient
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # the norm before clipping
         last_loss = run.all_reduce(loss_sum).item()
         run.check_finite(step + 1, loss=last_loss, gradient_norm=grad_norm)  # before the step can spread it
         optimizer.step()
@@ -249,7 +250,7 @@ def main(cfg: Config) -> dict:
 
         done = step + 1
         metrics = {"sft/loss": last_loss, "sft/lr": optimizer.param_groups[0]["lr"], "sft/grad_norm": grad_norm.item()}
-        if done % cfg.eval_every == 0 or done == total_steps:
+        if done % cfg.eval_every == 0 or done == total_steps:  # the held-out loss: is it still learning the task?
             metrics["sft/val_loss"] = validation_loss(model, val, cfg, tokenizer.pad_token_id, run)
         if done % cfg.log_every == 0 or "sft/val_loss" in metrics:
             metrics["sft/seq_per_s"] = (done - start) * cfg.batch_size / (time.time() - t0)
@@ -261,7 +262,7 @@ def main(cfg: Config) -> dict:
                "train_loss": last_loss, "steps": total_steps, "train_time_s": time.time() - t0,
                "n_train": len(train), "n_val": len(val), **train_cuts,
                "n_skipped_empty": train_stats.n_skipped_empty + val_stats.n_skipped_empty}
-    if run.master and cfg.n_judge and val_posts[0].facts is not None:
+    if run.master and cfg.n_judge and val_posts[0].facts is not None:  # synthetic task: the gold judge reads facts
         model.eval()
         metrics.update(judge_scores(model, tokenizer, val_posts[: cfg.n_judge], cfg, run.device))
         for s in metrics["samples"][:3]:

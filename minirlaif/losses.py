@@ -231,10 +231,23 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
     raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
 
 
+def td_residuals(rewards, values, mask, gamma):
+    """TD residuals over response tokens: delta_t = r_t + gamma * V_{t+1} - V_t, with V = 0 after a sequence's last
+    valid token (the episode ends with the response). rewards, values, mask: (B, T) -> (B, T), 0 at padding, at
+    least fp32. GAE sums them (`gae`); train_ppo.py --trace shows them."""
+    mask = mask.bool()
+    dtype = _compute_dtype(torch.promote_types(rewards.dtype, values.dtype))
+    zero = torch.zeros((), dtype=dtype, device=values.device)
+    rewards = torch.where(mask, rewards.to(dtype), zero)  # (B, T), masked garbage -> 0
+    values = torch.where(mask, values.to(dtype), zero)  # (B, T)
+    next_values = F.pad(values[:, 1:], (0, 1))  # (B, T): V_{t+1}, 0 beyond the end and at padding
+    return torch.where(mask, rewards + gamma * next_values - values, zero)
+
+
 def gae(rewards, values, mask, gamma, lam):
     """Generalised Advantage Estimation (Schulman et al. 2016) over response tokens.
 
-      delta_t = r_t + gamma * V_{t+1} - V_t
+      delta_t = r_t + gamma * V_{t+1} - V_t          (td_residuals)
       A_t     = delta_t + gamma * lam * A_{t+1}
       returns = A + V
     rewards, values, mask: (B, T). The value and advantage after a sequence's last valid token are 0 (the
@@ -245,20 +258,16 @@ def gae(rewards, values, mask, gamma, lam):
     Same recursion as the N+ details code and TRL 0.13 (which loop over reversed t the same way).
     """
     mask = mask.bool()
-    dtype = _compute_dtype(torch.promote_types(rewards.dtype, values.dtype))
-    zero = torch.zeros((), dtype=dtype, device=values.device)
-    rewards = torch.where(mask, rewards.to(dtype), zero)  # (B, T), masked garbage -> 0
-    values = torch.where(mask, values.to(dtype), zero)  # (B, T)
-    B, T = values.shape
-    advantages = torch.zeros_like(values)  # (B, T)
-    next_value = torch.zeros(B, dtype=dtype, device=values.device)  # V_{t+1}, 0 beyond the end
-    next_advantage = torch.zeros_like(next_value)  # A_{t+1}
-    for t in reversed(range(T)):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,)
-        advantage = delta + gamma * lam * next_advantage  # (B,)
-        advantage = torch.where(mask[:, t], advantage, zero)  # padding: A = 0 and V = 0, cutting the recursion
+    deltas = td_residuals(rewards, values, mask, gamma)  # (B, T)
+    values = torch.where(mask, values.to(deltas.dtype), torch.zeros((), dtype=deltas.dtype, device=deltas.device))
+    zero = torch.zeros((), dtype=deltas.dtype, device=deltas.device)
+    advantages = torch.zeros_like(deltas)  # (B, T)
+    next_advantage = torch.zeros(deltas.shape[0], dtype=deltas.dtype, device=deltas.device)  # A_{t+1}
+    for t in reversed(range(deltas.shape[1])):
+        advantage = deltas[:, t] + gamma * lam * next_advantage  # (B,)
+        advantage = torch.where(mask[:, t], advantage, zero)  # padding: A = 0, cutting the recursion
         advantages[:, t] = advantage
-        next_value, next_advantage = values[:, t], advantage
+        next_advantage = advantage
     returns = torch.where(mask, advantages + values, zero)
     return advantages, returns
 
@@ -377,7 +386,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, num_val
     TRL / N+ details); ratio_mean = mean_valid(ratio).
     num_valid: divide by this instead of this call's valid-token count (see masked_mean). The loss and every stat
     then become this micro-batch's share of the mini-batch mean: *sum* them over micro-batches.
-    Under DDP, which averages gradients over ranks, pass the global count and multiply the loss by world_size.
+    Under torchrun, pass the global count (every rank's tokens) and sum the gradients over ranks.
     Masked positions get ratio 1 and advantage 0 via torch.where before exp, so garbage log-probs there
     produce no NaN/inf and exactly zero gradient.
     """

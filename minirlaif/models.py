@@ -244,6 +244,15 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
     return (t * mask.long()).argmax(-1)
 
 
+def trim(mb: dict) -> dict:
+    """Drop the columns that are padding in every row of a PPO micro-batch (its "query*" and "response*" tensors):
+    fewer positions, the same numbers (queries are left-padded, responses right-padded, positions come from the
+    mask)."""
+    q0 = int(mb["query_mask"].any(0).int().argmax())  # first column holding a real query token
+    r1 = int(mb["response_mask"].any(0).sum())  # response columns holding a real token form a prefix
+    return {k: v[:, q0:] if k.startswith("query") else v[:, :r1] for k, v in mb.items()}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # forward passes
 
@@ -364,7 +373,8 @@ def fold_reward_offset(model: nn.Module, offset: float) -> str:
     bias: shifting b by d = -offset * w / |w|^2 shifts w . h by exactly -offset for every input. The shift is
     checked on a probe input, and undone if it is not exact. Otherwise (RMSNorm has no bias, nor has the score
     head of Llama-like models) the offset is added to `config.reward_offset_unfolded`, which our reward functions
-    subtract (`scalar_outputs`) and an outside loader must subtract from the score itself (README "Models").
+    subtract (`scalar_outputs`) and an outside loader must subtract from the score itself (docs/engineering.md,
+    "Models").
     `config.reward_offset` always holds the total offset.
     """
     model.config.reward_offset = getattr(model.config, "reward_offset", 0.0) + float(offset)

@@ -393,7 +393,7 @@ def evaluate_pairs(model, sets: dict[str, list[Pair]], pad_id: int, batch_size: 
                     f"n_label_ties_{name}": m["n_label_ties"], f"loss_{name}": m["loss"], f"ece_{name}": m["ece"]})
         calibration[name] = m["bins"]
     out["calibration"] = calibration
-    if reliability_png is not None and calibration and (dist is None or dist.master_process):
+    if reliability_png is not None and calibration and (dist is None or dist.master):
         reliability_diagram(calibration, reliability_png, title)
     return out
 

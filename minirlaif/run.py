@@ -11,7 +11,7 @@
         run.checkpoint(step + 1)                              # every --checkpoint-every steps
     run.save(metrics, model, tokenizer)                      # model, metrics.json, manifest.json
 
-What it guarantees (README "Guarantees", docs/engineering.md):
+What it guarantees (docs/engineering.md "Guarantees"):
 - Skip means the same config on the same inputs: a stage is skipped only when its out_dir holds a finished run
   (metrics.json + manifest.json) of the same config whose inputs (files or model dirs, by content: SHA-256) are
   unchanged. Otherwise it runs, and says which input changed.
@@ -84,7 +84,7 @@ class Dist:
         return self.world_size > 1
 
     @property
-    def master_process(self) -> bool:
+    def master(self) -> bool:
         return self.rank == 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,7 +243,7 @@ class Run:
                                 f"({d / 'run.json'}) but wrote no metrics.json; rerun that stage first")
         quiet_transformers()
         self.dist = setup_dist()
-        self.device, self.master = self.dist.device, self.dist.master_process
+        self.device, self.master = self.dist.device, self.dist.master
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         set_seed(cfg.seed + self.rank)
         if self.device.type == "cpu" and self.dist.ddp:  # share the cores between the ranks
@@ -348,8 +348,8 @@ class Run:
         if self.master:
             truncate_jsonl(self.out_dir / "metrics.jsonl", "step", self.step)
             truncate_jsonl(self.out_dir / "samples.jsonl", "update", self.step)
-        # every rank continues from rank 0's weights (a model built from a config is initialised from each rank's own
-        # RNG; a DDP wrapper would broadcast them in its constructor)
+        # every rank continues from rank 0's weights: a model built from a config is initialised from each rank's own
+        # RNG (seed + rank), and without a DDP wrapper nothing else would make them one
         if self.dist.ddp and torch.distributed.is_initialized():
             for obj in tracked.values():
                 if isinstance(obj, torch.nn.Module):

@@ -4,8 +4,8 @@ for them, so they cannot be reward models).
 
 Per architecture: the sampler's log-probs equal a fresh `model(...)` forward (the model's own logit
 post-processing included) to 1e-5; rewards do not depend on padding; shared-prefix rewards equal separate
-sequences; the reward offset lands where README "Models" says (ours and plain transformers agree); and the micro
-pipeline (SFT -> candidates + labels -> RM -> PPO -> evaluate) runs from the checkpoint. All offline: the
+sequences; the reward offset lands where docs/engineering.md "Models" says (ours and plain transformers agree);
+and the micro pipeline (SFT -> candidates + labels -> RM -> PPO -> evaluate) runs from the checkpoint. All offline: the
 configs are built here and the tokenizer is the project's in-process BPE.
 """
 

@@ -76,6 +76,20 @@ def test_gae_hand_checked():
     torch.testing.assert_close(returns_h, torch.tensor([[0.92225, 0.955, 1.0, 0.0, 3.0]], dtype=torch.float64))
 
 
+def test_td_residuals_match_per_sequence_loop():
+    """delta_t = r_t + gamma V_{t+1} - V_t on each sequence's own valid tokens, V = 0 after its last one; padding
+    (garbage here) never leaks in; 0 at padding. GAE at lam = 0 is exactly these residuals."""
+    rewards, mask, lengths, g = ragged_batch(B=6, T=7, seed=14)
+    values = torch.randn(rewards.shape, generator=g, dtype=torch.float64)
+    got = losses.td_residuals(with_garbage(rewards, mask), with_garbage(values, mask, seed=2), mask, 0.9)
+    for b, n in enumerate(lengths):
+        for t in range(mask.shape[1]):
+            nxt = values[b, t + 1].item() if t + 1 < n else 0.0
+            want = rewards[b, t].item() + 0.9 * nxt - values[b, t].item() if t < n else 0.0
+            assert got[b, t].item() == pytest.approx(want, abs=1e-12), (b, t)
+    torch.testing.assert_close(got, gae(rewards, values, mask, 0.9, 0.0)[0])
+
+
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (0.99, 1.0)])
 def test_gae_matches_per_sequence_loop(gamma, lam):
     rewards, mask, lengths, g = ragged_batch(B=6, T=8, seed=3)

@@ -1,5 +1,7 @@
 """End to end: `ALGOS=direct bash run_pipeline.sh micro` runs all seven stages and the d-RLAIF variant in a fresh
-directory, and a rerun skips them all."""
+directory, with one short line per finished stage on the terminal and no carriage returns in its logs; a rerun
+skips them all; and after SFT is retrained with other flags, every stage downstream of it runs again instead of
+keeping what it made from the old model."""
 
 import json
 import os
@@ -7,13 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from minirlaif.utils import sha256_path
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["sft", "labels", "rm", "ppo", "rm_human", "ppo_rlhf", "eval"]
 
 
 def run_pipeline(cwd: Path) -> str:
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "ALGOS": "direct"}
-    # the timeout is generous: about 30 s on an idle 2-core machine, over 500 s when other jobs share the cores
+    # the timeout is generous: about 45-65 s on an idle 2-core machine, over 500 s when other jobs share the cores
     out = subprocess.run(["bash", str(ROOT / "run_pipeline.sh"), "micro"], cwd=cwd, env=env, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=1800)
     assert out.returncode == 0, out.stdout[-4000:]
@@ -53,7 +57,30 @@ def test_micro_pipeline_runs_every_stage_then_skips_them(tmp_path):
     assert report["algorithms"]["direct"]["labeler_calls"] == direct["labeler_calls"]
     assert "| direct | rloo | direct |" in (runs / "eval" / "report.md").read_text()
 
+    # the terminal: every stage's end is one line (with its headline numbers, also for the branches that ran side
+    # by side into log files), no line over 160 characters, no carriage-return frames in the logs
+    ended = [line for line in log.splitlines() if " done in " in line]
+    assert any(line.startswith("=== 3/7 RLAIF reward model done in ") and "acc_human_conf8 " in line for line in ended)
+    for text in (log, *(p.read_text() for p in (runs / "logs").glob("*.log"))):
+        assert "\r" not in text and max(len(line) for line in text.splitlines()) <= 160
+
     # a rerun finds every stage finished with the same config and redoes no work
     before = {p: p.stat().st_mtime_ns for p in runs.rglob("metrics.json")}
     run_pipeline(tmp_path)
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("metrics.json")} == before
+
+    # SFT retrained with another learning rate: label.py, train_rm.py and train_ppo.py run again (their input
+    # changed), each saying so, instead of skipping as "a finished run of this config"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    stage = lambda *args: subprocess.run([sys.executable, str(ROOT / args[0]), "--preset", "micro", *args[1:]],  # noqa
+                                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert stage("train_sft.py", "--lr", "0.001").returncode == 0
+    for script, stage_dir, changed in (("label.py", "labels", "sft_model"), ("train_rm.py", "rm", "sft_model"),
+                                       ("train_ppo.py", "ppo", "sft")):
+        out = stage(script)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert f"but its input {changed} (runs/micro/sft" in out.stdout and "skipping" not in out.stdout, out.stdout
+        assert (runs / stage_dir / "metrics.json").stat().st_mtime_ns > before[runs / stage_dir / "metrics.json"]
+    # the new labels are the retrained SFT's: their manifest holds its content hash
+    assert json.loads((runs / "labels" / "manifest.json").read_text())["inputs"]["sft_model"]["sha256"] == \
+        sha256_path(runs / "sft")

