@@ -419,9 +419,10 @@ def main(cfg: Config) -> dict:
     if cfg.labeler == "rule" and not has_facts:  # fail before spending time on summaries
         raise UserError(f"the rule judge reads the synthetic task's facts, which {cfg.dataset} does not have; "
                         f"use --labeler hf, vllm or openai")
-    print(f"evaluate: {len(policies)} policies ({', '.join(policies)}), {len(rms)} reward models, {len(posts)} posts "
-          f"of {cfg.dataset}[{cfg.split}] (skipped: {skipped['n_skipped_empty']} empty, {skipped['n_duplicate_ids']} "
-          f"repeated ids), backend {backend}, judge {cfg.labeler}, device {device}")
+    left_out = f" ({skipped['n_skipped_empty']} empty, {skipped['n_duplicate_ids']} repeated ids left out)" if any(
+        skipped.values()) else ""
+    print(f"evaluate: {', '.join(policies)}; {len(rms)} RMs; {len(posts)} posts of {cfg.split}{left_out}; judge "
+          f"{cfg.labeler}, {backend} on {device}")
     hashes = {name: run.inputs[f"policy/{name}"]["sha256"] for name in policies}
     gens = {name: generate_policy(name, path, hashes[name], posts, cfg, backend, device, run.out_dir / "generations")
             for name, path in policies.items()}

@@ -284,8 +284,9 @@ class Run:
                                     f"--no-resume to start over, or use another --out-dir")
                 fresh = True
             elif changed := changed_inputs(started["inputs"], self.inputs):
-                print(f"{self.name}: the input {', '.join(changed)} changed since the unfinished run in "
-                      f"{self.out_dir} started; starting over")
+                if not (self.out_dir / "metrics.json").is_file():  # (a finished run's change is told by _finished)
+                    print(f"{self.name}: the input {', '.join(changed)} changed since the unfinished run in "
+                          f"{self.out_dir} started; starting over")
                 fresh = True
         if self.master:
             self.out_dir.mkdir(parents=True, exist_ok=True)

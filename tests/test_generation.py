@@ -16,12 +16,18 @@ class FakeTokenizer:
     def decode(self, ids, skip_special_tokens=False):
         return "".join(f" w{i}" if i else "<eos>" for i in ids)
 
+    def __len__(self):
+        return 10
+
 
 class FakeLLM:
+    vocab = 10  # the model's output rows; more than the tokenizer's 10 tokens: a padded vocabulary
+
     def __init__(self, model, **kw):
         self.kw, FakeLLM.closed = kw, False
         shutdown = lambda: setattr(FakeLLM, "closed", True)  # noqa: E731
-        self.llm_engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(shutdown=shutdown))
+        self.llm_engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(shutdown=shutdown),
+                                                model_config=types.SimpleNamespace(get_vocab_size=lambda: self.vocab))
 
     def get_tokenizer(self):
         return FakeTokenizer()
@@ -80,6 +86,11 @@ def test_vllm_generate_seeds_each_query_like_generate_texts(monkeypatch):
     # explicit seeds (label.py: fixed by each post's place in the dataset, so a resumed call repeats them)
     vllm_generate("m", [[1], [2]], n=1, max_new_tokens=4, temperature=1.0, seed=3, seeds=[11, 42])
     assert [p.seed for p in FakeLLM.params] == [11, 42]
+    # no mask when the model has no rows past the tokenizer; the tokenizer's ids when it has (models.limit_vocab)
+    assert all(p.allowed_token_ids is None for p in FakeLLM.params)
+    monkeypatch.setattr(FakeLLM, "vocab", 16)
+    vllm_generate("m", [[1]], n=1, max_new_tokens=4, temperature=1.0, seed=3)
+    assert FakeLLM.params[0].allowed_token_ids == list(range(10))
 
 
 def test_rollout_engine_choices_and_torchrun_mode(monkeypatch):

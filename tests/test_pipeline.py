@@ -79,7 +79,9 @@ def test_micro_pipeline_runs_every_stage_then_skips_them(tmp_path):
                                        ("train_ppo.py", "ppo", "sft")):
         out = stage(script)
         assert out.returncode == 0, out.stderr[-3000:]
-        assert f"but its input {changed} (runs/micro/sft" in out.stdout and "skipping" not in out.stdout, out.stdout
+        said = out.stdout.splitlines()[0]  # names every changed input, the retrained SFT among them
+        assert said.endswith("changed since; running again") and f"{changed} (runs/micro/sft)" in said, said
+        assert "skipping" not in out.stdout
         assert (runs / stage_dir / "metrics.json").stat().st_mtime_ns > before[runs / stage_dir / "metrics.json"]
     # the new labels are the retrained SFT's: their manifest holds its content hash
     assert json.loads((runs / "labels" / "manifest.json").read_text())["inputs"]["sft_model"]["sha256"] == \

@@ -146,8 +146,8 @@ def test_update_at_ratio_one_reproduces_the_math_core(batch):
     mb = micro_batch(batch)
     m = mb["response_mask"]
     cpu = torch.device("cpu")
-    (pg_loss, pg_stats), (vf_loss, vf_stats) = (train_ppo.policy_loss(policy, mb, m.sum().float(), cfg, cpu),
-                                                train_ppo.value_loss(value, mb, m.sum().float(), cfg, cpu))
+    (pg_loss, pg_stats, _), (vf_loss, vf_stats, _) = (train_ppo.policy_loss(policy, mb, m.sum().float(), cfg, cpu),
+                                                      train_ppo.value_loss(value, mb, m.sum().float(), cfg, cpu))
     stats = {**pg_stats, **vf_stats}
     loss = pg_loss + cfg.vf_coef * vf_loss
     A, V, R = mb["advantages"], mb["values"], mb["returns"]
