@@ -54,7 +54,7 @@ class LoRALayer(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=weight.device, dtype=weight.dtype))
         # no dropout module at all when p = 0: nn.Dropout(0) would still copy x in every adapted layer in training
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        self.scale = alpha / rank
         self.enabled = True
 
     def forward(self, x):
