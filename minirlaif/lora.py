@@ -87,16 +87,19 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, ta
     """Wrap the target layers of a transformers model in LoRALayers and freeze everything else; returns the model.
 
     targets: "all-linear" (every nn.Linear / Conv1D inside the backbone `model.base_model`, so never the LM head
-        or a score head, which sit outside it), or a list of module-name suffixes such as
-        ["c_attn", "c_proj", "c_fc"] or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-        "down_proj"], matched as PEFT matches them (the name, or its end after a dot), among the backbone's
-        linear layers. A suffix that matches none raises ValueError.
+        or a score head, which sit outside it), or module-name suffixes, a list or a comma-separated string (the
+        --lora-targets flag) such as "c_attn,c_proj,c_fc" or "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,
+        down_proj", matched as PEFT matches them (the name, or its end after a dot), among the backbone's linear
+        layers. A suffix that matches none raises ValueError.
     trained: modules (by name, e.g. ["score"]) that stay fully trainable: the reward / value model's head. They
         are PEFT's `modules_to_save` in the saved adapter.
     seed: seeds the generator every A is drawn from, in module order: the same seed gives the same adapters on
         every rank and every device.
     The settings PEFT's adapter_config.json needs are kept in `model.lora_config` for `save_adapter`.
     """
+    assert not lora_layers(model), "the model already has adapters"
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = targets.split(",")
     prefix = model.base_model_prefix  # "transformer" (GPT-2), "model" (Llama, Qwen2)
     linear = [(name, m) for name, m in model.base_model.named_modules(prefix=prefix)
               if isinstance(m, (nn.Linear, Conv1D))]

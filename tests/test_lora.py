@@ -119,6 +119,10 @@ def test_targets_by_suffix_and_unknown_targets():
     model = add_lora(causal_lm("llama"), rank=RANK, alpha=ALPHA, targets=["q_proj", "v_proj"])
     assert [n for n, _ in lora_layers(model)] == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2)
                                                   for p in "qv"]
+    assert [n for n, _ in lora_layers(add_lora(causal_lm("llama"), RANK, ALPHA, targets="q_proj,v_proj"))] == [
+        n for n, _ in lora_layers(model)]  # the --lora-targets string
+    with pytest.raises(AssertionError, match="already has adapters"):
+        add_lora(model, rank=RANK, alpha=ALPHA)
     gpt2 = add_lora(causal_lm("gpt2"), rank=RANK, alpha=ALPHA, targets=["c_proj"])  # attn.c_proj and mlp.c_proj
     assert [n for n, _ in lora_layers(gpt2)] == [f"transformer.h.{i}.{m}.c_proj" for i in range(2)
                                                  for m in ("attn", "mlp")]
