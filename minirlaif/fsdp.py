@@ -64,9 +64,6 @@ def shard_model(model: nn.Module, device: torch.device, per_block: bool = True) 
     into a submodule runs no hook of its parent, so the backbone and the head are units of their own, and the
     model itself is none.
 
-    Blocks free their full parameters after forward (and gather them again in backward): that is where the memory
-    goes. The roots keep theirs until backward, which needs them at once (FSDP's default for a root).
-
     per_block=False makes the whole backbone one unit, gathered from its forward to the end of backward: needed
     where a gradient crosses forward calls through a KV cache, as in models.shared_prefix_rewards (the reward
     model's training): FSDP gathers a block's parameters for backward from a hook on the block's outputs, and
@@ -81,15 +78,22 @@ def shard_model(model: nn.Module, device: torch.device, per_block: bool = True) 
     """
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     model.to(device)
-    for block in transformer_blocks(model) if per_block else []:
-        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    blocks = transformer_blocks(model) if per_block else []
     score = getattr(model, "score", None)  # models.head: the scalar head of a reward / value model
-    for root in ([model.base_model, score] if score is not None else [model]):
-        fully_shard(root, mesh=mesh, reshard_after_forward=False)
+    roots = [model.base_model, score] if score is not None else [model]
+    for unit in [*blocks, *roots]:  # bottom-up: a unit takes the parameters that no unit below it took
+        fully_shard(unit, mesh=mesh, reshard_after_forward=_reshards_after_forward(model, unit, blocks))
     for unit in fsdp_units(model):  # per unit: neither setter recurses into sub-units
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def _reshards_after_forward(model: nn.Module, unit: nn.Module, blocks: list[nn.Module]) -> bool:
+    """Blocks free their full parameters after forward (and gather them again in backward): that is where the
+    memory goes. The roots keep theirs until backward, which needs them at once (FSDP's default for a root),
+    unless nothing in the model trains (a frozen reference or reward model): no backward would ever free them."""
+    return unit in blocks or not any(p.requires_grad for p in model.parameters())
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -117,8 +121,7 @@ def gathered(model: nn.Module):
     would run different numbers of forwards, i.e. of collectives, and hang. Gathered once before the loop, no
     forward inside it communicates. Costs the full model's parameters on every rank while it lasts, as DDP does.
     """
-    units = fsdp_units(model)
-    blocks = set(transformer_blocks(model))  # the units that reshard after forward (shard_model's per_block)
+    units, blocks = fsdp_units(model), transformer_blocks(model)
     for unit in units:  # the same units in the same order on every rank: the all-gathers match
         unit.unshard()
         unit.set_reshard_after_forward(False, recurse=False)
@@ -126,7 +129,7 @@ def gathered(model: nn.Module):
         yield model
     finally:
         for unit in units:
-            unit.set_reshard_after_forward(unit in blocks, recurse=False)  # as shard_model set it
+            unit.set_reshard_after_forward(_reshards_after_forward(model, unit, blocks), recurse=False)
             unit.reshard()
 
 
@@ -150,7 +153,7 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     return get_optimizer_state_dict(model, optimizer, options=FULL_ON_RANK0)
 
 
-def save_pretrained(model: nn.Module, out_dir: str | Path, tokenizer=None) -> None:
+def save_pretrained(model: nn.Module, out_dir: str | Path) -> None:
     """`model.save_pretrained(out_dir)` of a sharded model: gathered on rank 0, written by it; every rank calls it.
 
     What it writes is what an unsharded model writes: plain transformers loads it (the config's architectures
@@ -159,8 +162,6 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, tokenizer=None) -> No
     state = full_model_state_dict(model)
     if dist.get_rank() == 0:
         model.save_pretrained(out_dir, state_dict=state)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir)
     dist.barrier()  # the directory is complete when any rank returns
 
 
@@ -182,28 +183,29 @@ def save_sharded(ckpt_dir: str | Path, step: int, parts: dict[str, tuple[nn.Modu
     """Write the models and optimizers of `parts` (e.g. {"policy": (policy, opt), "value": (value, value_opt)})
     as the DCP checkpoint `ckpt_dir/sharded_step{step}`; every rank calls it. Returns that directory.
 
-    A kill at any moment leaves no directory under that name that is not whole. DCP writes into a temporary
-    directory (every rank its shards, then rank 0 the `.metadata` naming them, once all ranks have written);
-    only then does rank 0 rename it to its final name, one atomic rename. Of the older checkpoints the newest
-    one is kept: the caller's own marker (utils.save_checkpoint's state.pt, written after this returns) still
-    names it until that marker is replaced, and a kill in between resumes from it. The rest are removed, so are
-    any of a later step left by a killed run (they were never named by a marker).
+    The caller's marker says which step to resume (utils.save_checkpoint's state.pt, written after this returns:
+    its barrier comes after every rank's write here). Two rules make a kill at any moment safe:
+    - `sharded_step{N}` only ever names a whole checkpoint. DCP writes into `sharded_step{N}.tmp` (every rank its
+      shards, then rank 0 the `.metadata` that names them, once all have written), and rank 0 renames it. A rerun
+      that resumed from an older step writes again over what the killed run left of later ones; written in
+      place, a half-rewritten directory would still hold the old `.metadata` and look whole to DCP.
+    - The newest older checkpoint is kept: the marker names it until the caller replaces the marker, and a kill
+      in between resumes from it. Every other one goes (those of later steps were never named by a marker).
     """
     ckpt_dir, rank = Path(ckpt_dir), dist.get_rank()
     final, tmp = sharded_dir(ckpt_dir, step), Path(ckpt_dir) / f"sharded_step{step}.tmp"
-    if rank == 0:  # a killed run's partial write of this step: nothing in it may mix with this write
+    if rank == 0:  # what a killed run left of this write: nothing of it may mix with this one
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     dcp.save(_sharded_state(parts), checkpoint_id=tmp)  # returns once .metadata is written, on every rank
     if rank == 0:
-        fault_point("sharded_checkpoint")  # tests: a kill with the whole temporary directory on disk
-        shutil.rmtree(final, ignore_errors=True)  # the same step, written by a run killed before its marker
+        fault_point("sharded_checkpoint")  # tests: a kill with the whole checkpoint under its temporary name
+        shutil.rmtree(final, ignore_errors=True)  # this step, written by a run killed before its marker
         os.rename(tmp, final)
-        older = [s for s in _saved_steps(ckpt_dir) if s < step]
-        for s in _saved_steps(ckpt_dir):
-            if s != step and (not older or s != max(older)):
-                shutil.rmtree(sharded_dir(ckpt_dir, s))
+        keep = {step, max((s for s in _saved_steps(ckpt_dir) if s < step), default=step)}
+        for s in set(_saved_steps(ckpt_dir)) - keep:
+            shutil.rmtree(sharded_dir(ckpt_dir, s))
     dist.barrier()  # every rank sees the final directory on return
     return final
 

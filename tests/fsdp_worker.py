@@ -3,13 +3,14 @@
 `python -m torch.distributed.run --standalone --nproc-per-node N tests/fsdp_worker.py OUT_DIR` (PYTHONPATH = the
 repository root) trains four tiny models sharded with minirlaif.fsdp over N gloo ranks, STEPS optimizer steps on
 the same global batches as `train_plain` (one process, no sharding): a GPT-2 LM (Conv1D, tied embeddings, a
-vocabulary that 2 ranks cannot split evenly), a Llama LM (Linear), a GPT-2 reward model trained through
-models.shared_prefix_rewards (a backbone called twice, then the head) and a "LoRA-like" Llama value model (frozen
-base, trainable adapters inside the blocks, a trainable score head) trained on per-token values. After every step it saves a sharded
-checkpoint of all four (fsdp.save_sharded, then utils.save_checkpoint's state.pt as the marker of a complete
-checkpoint), and a rerun resumes from the last complete one. Before training it samples with the shared KV-cache
-sampler from a sharded frozen policy (fsdp.gathered), each rank its own queries, and runs a frozen sharded model
-under no_grad. Rank 0 writes what the test compares into OUT_DIR/results.pt, and each rank its samples.
+vocabulary that 2 ranks cannot split evenly) that samples a rollout before each step, as PPO's policy does; a
+Llama LM (Linear); a GPT-2 reward model trained through models.shared_prefix_rewards (a backbone called twice,
+then the head); a "LoRA-like" Llama value model (frozen base, trainable adapters inside the blocks, a trainable
+score head) trained on per-token values. After every step it saves a sharded checkpoint of all four
+(fsdp.save_sharded, then utils.save_checkpoint's state.pt, the marker of a complete checkpoint); a rerun resumes
+from the last complete one. Before training it samples from a frozen sharded policy (fsdp.gathered), each rank
+its own queries, and runs it under no_grad. Rank 0 writes what the test compares to OUT_DIR/results.pt, and each
+rank its samples to OUT_DIR/samples_rank{r}.pt.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from helpers import make_eos_likely
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, LlamaConfig
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
@@ -109,7 +111,8 @@ def global_batch(case: str, step: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 * CASES.index(case) + step)
     if case in ("gpt2", "llama", "lora"):
         ids, mask = pad_right(random_rows(gen, BATCH, 5, 14), 14)
-        return {"ids": ids, "mask": mask, **({"target": torch.randn(ids.shape, generator=gen)} if case == "lora" else {})}
+        targets = {"target": torch.randn(ids.shape, generator=gen)} if case == "lora" else {}  # per-token values
+        return {"ids": ids, "mask": mask, **targets}
     q_ids, q_mask = pad_right(random_rows(gen, BATCH, 3, 9), 9)
     s_ids, s_mask = pad_right(random_rows(gen, 2 * BATCH, 2, 6), 6)  # rows 2i, 2i + 1: the summaries of query i
     return {"q_ids": q_ids, "q_mask": q_mask, "s_ids": s_ids, "s_mask": s_mask, "p": torch.rand(BATCH, generator=gen)}
@@ -185,8 +188,19 @@ class RunConfig:  # what utils.save_checkpoint records and load_checkpoint check
 
 
 def main(out: Path) -> None:
-    # a short timeout: a collective that one rank never joins fails the test in a minute instead of 30
-    torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=60))
+    # a short timeout: a collective that one rank never joins fails the test in 2 minutes instead of 30
+    torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=120))
+    try:
+        run(out)
+        torch.distributed.barrier()
+    finally:
+        # leave the group before the interpreter exits, even after an error: at exit, a gloo worker thread that
+        # still holds its last collective's tensors frees them without the GIL and aborts the process (SIGABRT,
+        # "terminate called without an active exception") in about 3% of 2-rank runs that skip this
+        torch.distributed.destroy_process_group()
+
+
+def run(out: Path) -> None:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     dist, device = Dist(rank=rank, world_size=world), torch.device("cpu")
     cfg, ckpt = RunConfig(), out / "checkpoint"
@@ -198,8 +212,9 @@ def main(out: Path) -> None:
         gen = generate(policy, ids, mask, max_new_tokens=12, eos_id=EOS, pad_id=PAD, seeds=seeds)
     with torch.no_grad():
         frozen_logits, _ = causal_lm_logits(policy, ids, mask)
-    torch.save({"tokens": gen.tokens, "logprobs": gen.logprobs, "frozen_logits": frozen_logits},
-               out / f"samples_rank{rank}.pt")
+    resharded = all(isinstance(p, DTensor) for p in policy.parameters())  # nothing left gathered
+    torch.save({"tokens": gen.tokens, "logprobs": gen.logprobs, "frozen_logits": frozen_logits,
+                "resharded": resharded}, out / f"samples_rank{rank}.pt")
 
     # the reward model trains through shared_prefix_rewards: its backbone is one unit (fsdp.shard_model)
     models = {case: fsdp.shard_model(build(case), device, per_block=case != "rm") for case in CASES}
@@ -211,6 +226,9 @@ def main(out: Path) -> None:
         print(f"resumed from step {start}", flush=True)
     for step in range(start, STEPS):
         for case, (model, opt) in parts.items():
+            if case == "gpt2":  # a rollout from the policy in training, then its update (PPO's order)
+                with fsdp.gathered(model):
+                    generate(model, ids, mask, max_new_tokens=12, eos_id=EOS, pad_id=PAD, seeds=seeds)
             norms[case].append(train_step(case, model, opt, step, rank, world))
         fsdp.save_sharded(ckpt, step + 1, parts)
         save_checkpoint(ckpt, step + 1, {"config": dataclasses.asdict(cfg), "norms": norms}, dist)
@@ -222,8 +240,6 @@ def main(out: Path) -> None:
         fsdp.save_pretrained(models[case], out / f"pretrained_{case}")
     if rank == 0:
         torch.save({"world": world, "resumed_from": start, **results}, out / "results.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
