@@ -6,10 +6,11 @@ Functions, not a framework: the trainers' run machinery calls them after `init_p
 on CUDA). What FSDP2 does to a model: every parameter becomes a DTensor holding this rank's slice of dim 0
 (`param.to_local()`); a unit's forward pre-hook all-gathers its full parameters and its post-hook frees them
 again; after backward each unit's gradients are reduce-scattered, so `param.grad` is a DTensor shard too, and an
-optimizer built on `model.parameters()` keeps only this rank's share of its state. Parameters, gradients and
-optimizer state: each rank holds 1 / world_size of them.
+optimizer built on `model.parameters()` keeps only this rank's share of its state: between steps, each rank holds
+1 / world_size of the parameters, gradients and optimizer state.
 
-Written for torch 2.13 (tests/test_fsdp.py); `set_force_sum_reduction_for_comms` needs torch >= 2.8.
+Checked on torch 2.13.0 (tests/test_fsdp.py, CPU and gloo) and no older release: FSDP2's API grew across
+releases (e.g. `set_force_sum_reduction_for_comms`), so pyproject's torch>=2.4 is not enough for this module.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ rank its samples to OUT_DIR/samples_rank{r}.pt.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -188,6 +189,7 @@ class RunConfig:  # what utils.save_checkpoint records and load_checkpoint check
 
 
 def main(out: Path) -> None:
+    faulthandler.enable()  # a rank that dies of a signal (SIGABRT) prints where each of its threads was
     # a short timeout: a collective that one rank never joins fails the test in 2 minutes instead of 30
     torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=120))
     try:
