@@ -30,7 +30,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from minirlaif.utils import fault_point
+from minirlaif.utils import fault_point, non_finite_tensors
 
 # ----------------------------------------------------------------------------------------------------------------
 # sharding
@@ -214,6 +214,28 @@ def save_sharded(ckpt_dir: str | Path, step: int, parts: dict[str, tuple[nn.Modu
 def _saved_steps(ckpt_dir: Path) -> list[int]:
     return [int(p.name.removeprefix("sharded_step")) for p in ckpt_dir.glob("sharded_step*")
             if p.is_dir() and not p.name.endswith(".tmp")]
+
+
+def non_finite_shards(parts: dict[str, tuple[nn.Module, torch.optim.Optimizer]]) -> list[str]:
+    """Names of the model and optimizer tensors of `parts` that hold a NaN or an infinity on any rank: the same
+    list on every rank (every rank calls it), so that all stop together before save_sharded.
+
+    utils.non_finite_tensors on the sharded state sees only this rank's shards: ranks would disagree about stopping,
+    and one that went on to save would wait in the checkpoint's collectives for a rank that had left.
+    """
+    bad = non_finite_tensors(_local(_sharded_state(parts)))
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, bad)
+    return sorted({name for names in every for name in names})
+
+
+def _local(obj):
+    """`obj` (nested dicts and lists) with every DTensor replaced by this rank's shard of it."""
+    if isinstance(obj, DTensor):
+        return obj.to_local()
+    if isinstance(obj, dict):
+        return {k: _local(v) for k, v in obj.items()}
+    return type(obj)(_local(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
 
 
 def load_sharded(ckpt_dir: str | Path, step: int, parts: dict[str, tuple[nn.Module, torch.optim.Optimizer]]) -> None:

@@ -4,7 +4,8 @@ tests/fsdp_worker.py trains four tiny models (GPT-2 and Llama LMs, a GPT-2 rewar
 path, a LoRA-like Llama value model) with AdamW and clipping, checkpointing every step; `fsdp_worker.train_plain`
 takes the same steps unsharded in this process. Checked: the same gradient norms, weights and optimizer state on
 1 and 2 ranks as in one plain process; the KV-cache sampler and a frozen forward on a sharded policy; the rank-0
-full state dict as a checkpoint plain transformers loads; a run killed mid-checkpoint resumes to the same result.
+full state dict as a checkpoint plain transformers loads; a NaN in one rank's shard is seen by every rank; a run
+killed mid-checkpoint resumes to the same result. About 60 s on 2 cores (six torchrun launches of ~10 s each).
 """
 
 import os
@@ -111,6 +112,12 @@ def test_the_rank0_full_state_dict_is_a_checkpoint_plain_transformers_loads(runs
         assert loaded.keys() == got[case]["weights"].keys()
         for k, v in got[case]["weights"].items():
             assert torch.equal(loaded[k], v), (case, k)
+
+
+def test_a_nan_in_one_rank_shard_is_reported_on_every_rank(runs):
+    for nproc, out in runs.items():
+        for rank in range(nproc):
+            assert torch.load(out / f"non_finite_rank{rank}.pt") == ["llama.model.model.layers.1.mlp.up_proj.weight"]
 
 
 @pytest.mark.parametrize("kill_at,resumes_from,nproc", [
