@@ -9,6 +9,10 @@ again; after backward each unit's gradients are reduce-scattered, so `param.grad
 optimizer built on `model.parameters()` keeps only this rank's share of its state: between steps, each rank holds
 1 / world_size of the parameters, gradients and optimizer state.
 
+Every unit's forward and backward is a collective: every rank must run the same units the same number of times
+(the same number of micro-batches, also through frozen models), as under DDP; the one loop whose length differs
+between ranks, sampling, runs inside `gathered`.
+
 Checked on torch 2.13.0 (tests/test_fsdp.py, CPU and gloo) and no older release: FSDP2's API grew across
 releases (e.g. `set_force_sum_reduction_for_comms`), so pyproject's torch>=2.4 is not enough for this module.
 """
@@ -76,6 +80,9 @@ def shard_model(model: nn.Module, device: torch.device, per_block: bool = True) 
     the global batch, as `utils.all_reduce_grads` sums today. The divide factor 1 alone would not run on gloo:
     FSDP then reduce-scatters with ReduceOp.PREMUL_SUM(1.0), which gloo refuses ("Cannot use ReduceOp.PREMUL_SUM
     with Gloo"); forcing SUM reductions makes it a plain SUM on gloo and nccl alike.
+
+    Build the optimizer after this call: fully_shard replaces every parameter with a new (DTensor) one, and an
+    optimizer built before would hold the old ones, which the model no longer uses.
     """
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     model.to(device)
@@ -117,7 +124,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
 def gathered(model: nn.Module):
     """Hold every unit of a sharded model gathered (full parameters on every rank) inside the block.
 
-    For the sampling loop (generation.generate), which calls model(...) once per token: unsharded, each forward
+    For the sampling loop (generation.generate), which calls model(...) once per token: left sharded, each forward
     would all-gather every block again, and the loop stops when this rank's rows have all emitted EOS, so ranks
     would run different numbers of forwards, i.e. of collectives, and hang. Gathered once before the loop, no
     forward inside it communicates. Costs the full model's parameters on every rank while it lasts, as DDP does.
