@@ -40,6 +40,7 @@ from minirlaif.config import Between, Choice, NonNegative, Positive, PositiveOrA
 from minirlaif.data import build_query, load_posts
 from minirlaif.generation import row_seeds, rollout_engine
 from minirlaif.labelers import LabelerConfig, make_labeler
+from minirlaif.lora import adapters_off
 from minirlaif.losses import (AdaptiveKLController, FixedKLController, dr_grpo_advantages, entropy_from_logits,
                               explained_variance, gae, grpo_advantages, kl_penalty, logprobs_from_logits, masked_mean,
                               masked_whiten, ppo_policy_loss, ppo_value_loss, reinforce_advantages, reward_to_go,
@@ -188,24 +189,34 @@ PRESETS = {
 # ---- steps 1-5: models, rollout, scores, KL rewards, advantages -------------------------------------------------
 
 
-def load_models(cfg: Config, tokenizer, device, value_path: str):
-    """Step 1: policy, frozen reference, frozen reward, and the value model (None for a value-free estimator)."""
-    # dropout off everywhere: the same weights give the same log-probs, so the first PPO ratio is exactly 1
-    policy = disable_dropout(load_causal_lm(cfg.sft_path)).to(device).train()
-    ref_policy = disable_dropout(load_causal_lm(cfg.sft_path)).to(device).eval().requires_grad_(False)
-    rm = value_model = None
+def load_models(cfg: Config, tokenizer, run, value_path: str):
+    """Step 1: policy, frozen reference, frozen reward, and the value model (None for a value-free estimator).
+    `run.prepare` puts each on the device; --lora-rank: adapters on the trained ones; --fsdp: all sharded."""
+    def load(loader, path, **kw):  # dropout off everywhere: the same weights give the same log-probs, ratio 1
+        return set_attention(disable_dropout(loader(path, **kw)), run.device, cfg.bf16)  # CPU bf16: eager attention
+
+    policy = run.prepare(load(load_causal_lm, cfg.sft_path).train())
+    # with LoRA the reference is the policy with its adapters off (reference_logits): no second copy of the weights
+    ref_policy = None if cfg.lora_rank else run.prepare(load(load_causal_lm, cfg.sft_path), frozen=True)
+    value_model = None
     if cfg.reward == "rm":
-        rm = disable_dropout(load_scalar_model(cfg.rm_path, pad_token_id=tokenizer.pad_token_id))
-        reward = RMReward(rm.to(device).eval().requires_grad_(False), tokenizer)
+        rm = run.prepare(load(load_scalar_model, cfg.rm_path, pad_token_id=tokenizer.pad_token_id), frozen=True)
+        reward = RMReward(rm, tokenizer)
     else:  # d-RLAIF: the labeler's ratings are the reward
         reward = LabelerReward(make_labeler(cfg, cfg.seed), tokenizer)
     if ESTIMATORS[cfg.algo].value_model:  # a new head (from a causal LM) is seeded by --seed: the same on every rank
-        value_model = load_scalar_model(value_path, pad_token_id=tokenizer.pad_token_id, head_seed=cfg.seed)
-        value_model = disable_dropout(value_model).to(device).train()
-    for model in (policy, ref_policy, value_model, rm):
-        if model is not None:
-            set_attention(model, device, cfg.bf16)  # eager attention under CPU bf16, the faster kernel there
+        value_model = load(load_scalar_model, value_path, pad_token_id=tokenizer.pad_token_id, head_seed=cfg.seed)
+        value_model = run.prepare(value_model.train(), trained=["score"])  # LoRA: its own adapters, a full head
     return policy, ref_policy, value_model, reward
+
+
+def reference_logits(policy, ref_policy, ids, mask, n_response: int) -> torch.Tensor:
+    """The frozen reference's logits on the response positions: its own copy of the SFT model, or (--lora-rank)
+    the policy with its adapters off, which computes the SFT model's outputs exactly (lora.adapters_off)."""
+    if ref_policy is not None:
+        return response_logits(ref_policy, ids, mask, n_response)
+    with adapters_off(policy):
+        return response_logits(policy, ids, mask, n_response)
 
 
 def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
@@ -221,6 +232,7 @@ def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
             f"--micro-batch-size {cfg.micro_batch_size} micro-batches")
     require(cfg.total_episodes >= cfg.batch_size, f"--total-episodes {cfg.total_episodes} must be at least one "
             f"--batch-size")
+    require(cfg.lora_dropout == 0, "--lora-dropout must be 0 in PPO: dropout off everywhere keeps the first ratio at 1")
     require(cfg.reward == "rm" or cfg.labeler != "vllm" or world_size == 1,
             "--reward direct --labeler vllm runs in one process (one engine); under torchrun rate with hf or openai")
     return k, cfg.total_episodes // cfg.batch_size
@@ -265,7 +277,7 @@ def rollout(policy, ref_policy, value_model, reward, queries: list[list[int]], s
             R = gen.tokens.shape[1]
             # the reference on the same temperature-scaled logits as the sampler: else the first KL would not be 0,
             # and it would measure the distance to another policy (N+ details, TRL)
-            ref_logprobs = logprobs_from_logits(response_logits(ref_policy, ids, mask, R), gen.tokens,
+            ref_logprobs = logprobs_from_logits(reference_logits(policy, ref_policy, ids, mask, R), gen.tokens,
                                                 cfg.temperature)
             per_token = {"response_mask": gen.mask, "logprobs": gen.logprobs, "ref_logprobs": ref_logprobs * gen.mask}
             if value_model is not None:
@@ -378,7 +390,7 @@ def ppo_update(policy, value_model, optimizers: dict, batch: dict, update: int, 
             for model, opt in ((policy, optimizers["policy"]), (value_model, optimizers.get("value"))):
                 if model is not None:
                     run.sync_grads(model)  # each rank's loss is normalised by global counts: the sum is the gradient
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # per model (TRL 0.13: none)
+                    run.clip_grad_norm(model, cfg.grad_clip)  # per model (TRL 0.13: none)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
     return sums
@@ -427,9 +439,10 @@ def main(cfg: Config) -> dict:
     queries = [build_query(tokenizer, p, cfg.max_query_tokens)[1] for p in posts]
 
     # 1. models, optimizers, the KL controller; resumed from the checkpoint if there is one
-    policy, ref_policy, value_model, reward = load_models(cfg, tokenizer, run.device, value_path)
+    policy, ref_policy, value_model, reward = load_models(cfg, tokenizer, run, value_path)
     lrs = {"policy": cfg.lr, "value": cfg.lr if cfg.value_lr < 0 else cfg.value_lr}
-    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=lrs[name], weight_decay=cfg.weight_decay, eps=1e-5)
+    optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lrs[name],
+                                          weight_decay=cfg.weight_decay, eps=1e-5)  # (LoRA: the adapters, the head)
                   for name, m in (("policy", policy), ("value", value_model)) if m is not None}
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
               else FixedKLController(cfg.kl_coef))
@@ -449,8 +462,9 @@ def main(cfg: Config) -> dict:
         policy.eval()  # sampling builds no graph; train() again for the update
         engine.sync(policy)  # vllm: the engine samples from the weights of the last update (or of the checkpoint)
         ep_posts = [posts[i] for i in idx]
-        batch = rollout(policy, ref_policy, value_model, reward, [queries[i] for i in idx], seeds, tokenizer, cfg,
-                        run.device, ep_posts, engine)
+        with run.gathered(policy):  # --fsdp: ranks stop sampling at different lengths; whole weights, no collectives
+            batch = rollout(policy, ref_policy, value_model, reward, [queries[i] for i in idx], seeds, tokenizer, cfg,
+                            run.device, ep_posts, engine)
         n_left_out = int(run.all_reduce(leave_out_unscored(batch, k)).item())  # d-RLAIF: unrated episodes, counted
         counts["left_out"] += n_left_out
         # 4-5. KL rewards, advantages
@@ -478,9 +492,11 @@ def main(cfg: Config) -> dict:
                                            "ppo/clipfrac", "rollout/eos_rate", "rollout/response_len", "eps"))
         if trace is not None:
             trace.write(run.out_dir)
-        if run.master and (update + 1) % cfg.sample_every == 0:
-            write_samples(run.out_dir / "samples.jsonl", update + 1, batch, ep_posts, tokenizer, reward, cfg.n_samples,
-                          cfg.max_query_tokens, cfg.response_length)
+        if (update + 1) % cfg.sample_every == 0:  # rank 0's table scores reference summaries with the RM: --fsdp
+            with run.gathered(getattr(reward, "model", None)):  # gathers its weights, for forwards on one rank only
+                if run.master:
+                    write_samples(run.out_dir / "samples.jsonl", update + 1, batch, ep_posts, tokenizer, reward,
+                                  cfg.n_samples, cfg.max_query_tokens, cfg.response_length)
         run.checkpoint(update + 1)
 
     # final numbers and save
@@ -491,6 +507,7 @@ def main(cfg: Config) -> dict:
     if run.master:  # first / last from every update's row on disk, not only this process's (a resumed run's)
         metrics.update(first_last(run.rows(), ("objective/scores", "objective/kl", "objective/rlhf_reward",
                                                "rollout/eos_rate", "rollout/response_len", "eps")))
+    policy = run.unwrap(policy, base=cfg.sft_path)  # --fsdp: gathered; --lora-rank: merged, adapter to out_dir/adapter
     engine.close()  # before leaving torchrun: a vLLM engine's shutdown ends the process group it joined
     return run.save(metrics, policy, tokenizer, headline=("objective/scores_last", "objective/kl_last"))
 

@@ -264,7 +264,10 @@ def main(cfg: Config) -> dict:
     pad_id = tokenizer.pad_token_id
     model = load_scalar_model(cfg.sft_path, pad_token_id=pad_id, head_seed=cfg.seed)
     # dropout off: training and scoring see one function, and PPO's value model (started from it) too
-    model = set_attention(disable_dropout(model).to(run.device).train(), run.device, cfg.bf16)
+    model = set_attention(disable_dropout(model).train(), run.device, cfg.bf16)
+    # on the device; --lora-rank: adapters, the head trained in full; --fsdp: sharded, the backbone one unit, because
+    # the shared-prefix pairs carry the query's keys and values into the summaries' forward (fsdp.shard_model)
+    model = run.prepare(model, trained=["score"], shard_blocks=False)
     n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     require(not n_positions or cfg.max_query_tokens + cfg.max_summary_tokens <= n_positions,
             f"--max-query-tokens + --max-summary-tokens = {cfg.max_query_tokens + cfg.max_summary_tokens} exceeds the "
@@ -277,8 +280,8 @@ def main(cfg: Config) -> dict:
     require(len(train) >= cfg.batch_size and val, f"too few pairs: {len(train)} train (--batch-size "
             f"{cfg.batch_size}), {len(val)} validation")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * (len(train) // cfg.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.95), fused=run.device.type == "cuda")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=run.device.type == "cuda")
     rewards_fn = PairRewards(model)  # each query encoded once for its two summaries: about half the compute
     best = {"loss": math.inf, "step": -1, "acc": None, "model": None}  # the lowest validation loss so far
     start = run.resume(model=model, optimizer=optimizer, best=best)
@@ -308,7 +311,7 @@ def main(cfg: Config) -> dict:
             sums += torch.stack([loss.detach(), correct.sum().float(), decided.sum().float(),
                                  (r_a + r_b).detach().sum()])
         run.sync_grads(model)  # the sum over ranks of the shares above: the global batch's gradient
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # the norm before clipping
+        grad_norm = run.clip_grad_norm(model, cfg.grad_clip)  # the norm before clipping
         sums = run.all_reduce(sums)  # the logged loss and accuracy are the global batch's
         last_loss = sums[0].item()
         run.check_finite(step + 1, loss=last_loss, gradient_norm=grad_norm)  # before the step can spread it
@@ -320,11 +323,11 @@ def main(cfg: Config) -> dict:
                    "rm/reward_mean": (sums[3] / (2 * cfg.batch_size)).item(),
                    "rm/lr": optimizer.param_groups[0]["lr"], "rm/grad_norm": grad_norm.item()}
         if done % cfg.eval_every == 0 or done == total_steps:
-            v = validation(model, val, cfg, pad_id, run)
+            with run.gathered(model):  # --fsdp: the ranks' shares of the split may differ by a batch
+                v = validation(model, val, cfg, pad_id, run)
             metrics.update({"rm/val_loss": v["loss"], "rm/val_acc": v["acc"]})
             if v["loss"] < best["loss"]:  # the model is chosen on validation, and reported on test
-                best.update(loss=v["loss"], step=done, acc=v["acc"],
-                            model={k: t.detach().cpu().clone() for k, t in model.state_dict().items()})
+                best.update(loss=v["loss"], step=done, acc=v["acc"], model=run.trained_state(model))
         if done % cfg.log_every == 0 or "rm/val_loss" in metrics:
             metrics["rm/pairs_per_s"] = (done - start) * cfg.batch_size / (time.time() - t0)
             run.log(done, metrics)
@@ -332,8 +335,10 @@ def main(cfg: Config) -> dict:
     train_time = time.time() - t0
 
     # the best validation checkpoint, shifted so that reference summaries score 0 on average
-    model.load_state_dict(best["model"])  # chosen on validation, reported on test (the seed chose on what it reported)
-    model.eval()
+    run.load_trained_state(model, best["model"])  # chosen on validation, reported on test (the seed chose on what it
+    # reported); then one plain model: --fsdp's shards gathered, --lora-rank's adapters folded in (and written to
+    # out_dir/adapter in PEFT's format: the rewards before the offset below, which is in the merged weights only)
+    model = run.unwrap(model, base=cfg.sft_path).eval()
     offset_info = center_on_references(model, tokenizer, cfg, run)  # in the weights where exact, else in the config
 
     # test numbers (--trace: a few test pairs' numbers, for a reader)

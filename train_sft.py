@@ -211,12 +211,14 @@ def main(cfg: Config) -> dict:
 
     # tokenizer and model
     tokenizer, model = load_or_build(cfg, train_posts)
-    set_attention(model, run.device, cfg.bf16).to(run.device).train()  # eager attention under CPU bf16 (faster)
+    set_attention(model, run.device, cfg.bf16).train()  # eager attention under CPU bf16 (faster)
+    model = run.prepare(model)  # on the device; --lora-rank: adapters; --fsdp: sharded (run.py, the one place)
     train, train_cuts = tokenize(train_posts, tokenizer, cfg)
     val, _ = tokenize(val_posts[: cfg.n_val] if cfg.n_val > 0 else val_posts, tokenizer, cfg)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * (len(train) // cfg.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.95), fused=run.device.type == "cuda")  # betas of GPT pretraining
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,  # (LoRA: adapters)
+                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.95),  # betas of GPT pretraining
+                                  fused=run.device.type == "cuda")
     start = run.resume(model=model, optimizer=optimizer)  # the step fixes the data position and the learning rate
     run.say(f"sft: {len(train)} train / {len(val)} val examples, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
             f"M params, {total_steps} steps")
@@ -242,7 +244,7 @@ def main(cfg: Config) -> dict:
             loss.backward()
             loss_sum += loss.detach()
         run.sync_grads(model)  # the sum over ranks of the shares above: the global batch's gradient
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # the norm before clipping
+        grad_norm = run.clip_grad_norm(model, cfg.grad_clip)  # the norm before clipping
         last_loss = run.all_reduce(loss_sum).item()
         run.check_finite(step + 1, loss=last_loss, gradient_norm=grad_norm)  # before the step can spread it
         optimizer.step()
@@ -251,13 +253,16 @@ def main(cfg: Config) -> dict:
         done = step + 1
         metrics = {"sft/loss": last_loss, "sft/lr": optimizer.param_groups[0]["lr"], "sft/grad_norm": grad_norm.item()}
         if done % cfg.eval_every == 0 or done == total_steps:  # the held-out loss: is it still learning the task?
-            metrics["sft/val_loss"] = validation_loss(model, val, cfg, tokenizer.pad_token_id, run)
+            with run.gathered(model):  # --fsdp: the ranks' shares of the split may differ by a micro-batch
+                metrics["sft/val_loss"] = validation_loss(model, val, cfg, tokenizer.pad_token_id, run)
         if done % cfg.log_every == 0 or "sft/val_loss" in metrics:
             metrics["sft/seq_per_s"] = (done - start) * cfg.batch_size / (time.time() - t0)
             run.log(done, metrics)
         run.checkpoint(done)
 
-    # final numbers and save
+    # final numbers and save, on one plain model: --fsdp's shards gathered, --lora-rank's adapters folded in (and
+    # written to out_dir/adapter in PEFT's format)
+    model = run.unwrap(model, base=cfg.model)
     metrics = {"val_loss": validation_loss(model, val, cfg, tokenizer.pad_token_id, run),
                "train_loss": last_loss, "steps": total_steps, "train_time_s": time.time() - t0,
                "n_train": len(train), "n_val": len(val), **train_cuts,

@@ -2,8 +2,11 @@
 over ranks, clip them, gather a full state dict on rank 0, save and resume a sharded checkpoint with
 `torch.distributed.checkpoint` (DCP), and sample with the shared KV-cache loop on a sharded policy.
 
-Functions, not a framework: the trainers' run machinery calls them after `init_process_group` (gloo on CPU, nccl
-on CUDA). What FSDP2 does to a model: every parameter becomes a DTensor holding this rank's slice of dim 0
+Functions, not a framework: the trainers never call them; the run machinery does (minirlaif/run.py, `Run.prepare`,
+`gathered`, `clip_grad_norm`, `checkpoint`, `resume`, `unwrap`, when --fsdp), after torchrun's `init_process_group`
+(gloo on CPU, nccl on CUDA).
+
+What FSDP2 does to a model: every parameter becomes a DTensor holding this rank's slice of dim 0
 (`param.to_local()`); a unit's forward pre-hook all-gathers its full parameters and its post-hook frees them
 again; after backward each unit's gradients are reduce-scattered, so `param.grad` is a DTensor shard too, and an
 optimizer built on `model.parameters()` keeps only this rank's share of its state: between steps, each rank holds
@@ -20,8 +23,10 @@ releases (e.g. `set_force_sum_reduction_for_comms`), so pyproject's torch>=2.4 i
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,12 +34,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, get_state_dict, set_state_dict)
+                                                     get_optimizer_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from minirlaif.utils import fault_point, non_finite_tensors
+from minirlaif.run import non_finite_tensors
+from minirlaif.utils import fault_point
 
 # ----------------------------------------------------------------------------------------------------------------
 # sharding
@@ -77,13 +84,17 @@ def shard_model(model: nn.Module, device: torch.device, per_block: bool = True) 
 
     Gradients are summed over ranks, not averaged (FSDP's default divides by world_size): every loss here is
     normalised by global counts (tokens or pairs over every micro-batch and rank), so the sum is the gradient of
-    the global batch, as `utils.all_reduce_grads` sums today. The divide factor 1 alone would not run on gloo:
+    the global batch, as `Run.sync_grads` sums them without FSDP. The divide factor 1 alone would not run on gloo:
     FSDP then reduce-scatters with ReduceOp.PREMUL_SUM(1.0), which gloo refuses ("Cannot use ReduceOp.PREMUL_SUM
     with Gloo"); forcing SUM reductions makes it a plain SUM on gloo and nccl alike.
 
     Build the optimizer after this call: fully_shard replaces every parameter with a new (DTensor) one, and an
     optimizer built before would hold the old ones, which the model no longer uses.
     """
+    # a backbone unit returns its last hidden state as a view (transformers reshapes it), and FSDP warns at every
+    # first call that an in-place op on a view would skip its backward hook: models.py never modifies an output
+    # in place (scalar_outputs, the heads and the losses are all out of place), so the warning is only noise
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     model.to(device)
     blocks = transformer_blocks(model) if per_block else []
@@ -147,18 +158,55 @@ def gathered(model: nn.Module):
 FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's state dict as plain CPU tensors on rank 0 ({} on the others); every rank must call it.
+def full_model_state_dict(model: nn.Module, rank0_only: bool = True, trained_only: bool = False) -> dict:
+    """The whole model's state dict as plain tensors; every rank must call it.
 
-    DCP's get_model_state_dict gathers one tensor at a time, so rank 0 holds the full model in CPU memory, never
-    more than one extra full parameter on the device.
+    rank0_only: on rank 0, in CPU memory ({} on the others): DCP's get_model_state_dict gathers one tensor at a
+    time, so the device never holds more than one extra full parameter. Else on every rank, on the device (a
+    rank's own vLLM engine, an unsharded copy to evaluate). trained_only: only the parameters that train (e.g. the
+    adapters and the head: all that differs between two checkpoints of one run).
     """
-    return get_model_state_dict(model, options=FULL_ON_RANK0)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only, ignore_frozen_params=trained_only)
+    return get_model_state_dict(model, options=options)
+
+
+def load_full_model_state_dict(model: nn.Module, state: dict) -> None:
+    """Load a full state dict held by rank 0 (`full_model_state_dict`'s, {} elsewhere) into a sharded model: rank 0
+    broadcasts it, each rank keeps its shards; missing keys (frozen parameters left out) keep their values."""
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                strict=False))
 
 
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's state for the whole model on rank 0 ({} on the others), keyed by parameter name."""
     return get_optimizer_state_dict(model, optimizer, options=FULL_ON_RANK0)
+
+
+def unsharded_copy(model: nn.Module, state: dict) -> nn.Module:
+    """A plain model of `model`'s transformers class holding `state` (full tensors on every rank, the class's own
+    keys: LoRA adapters already folded in), on `model`'s device, frozen, in `model`'s train / eval mode: what a
+    run evaluates and saves after training (Run.unwrap).
+
+    Built on the meta device (no memory, no init) and then given the tensors of `state`; what a state dict does not
+    hold comes from `model`: its buffers (non-persistent ones, such as rotary frequencies, are in no state dict),
+    the modules models.py swapped in (fuse_gelu's GELU, disable_dropout's p = 0) and the vocabulary limit.
+    """
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclassed it
+    with torch.device("meta"):
+        plain = cls(model.config)
+    plain.load_state_dict(state, assign=True)
+    names = dict(plain.named_modules())
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Dropout, nn.GELU)) and name in names:
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent), child, copy.deepcopy(m))
+    for name, buf in model.named_buffers():
+        parent, _, child = name.rpartition(".")
+        setattr(plain.get_submodule(parent), child, buf.detach().clone())
+    plain.tie_weights()  # a tied output layer (GPT-2, SmolLM2) is the embedding again, not a copy of it
+    if hasattr(model, "vocab_limit"):
+        plain.vocab_limit = model.vocab_limit
+    return plain.to(next(model.parameters()).device).requires_grad_(False).train(model.training)
 
 
 def save_pretrained(model: nn.Module, out_dir: str | Path) -> None:
@@ -191,7 +239,7 @@ def save_sharded(ckpt_dir: str | Path, step: int, parts: dict[str, tuple[nn.Modu
     """Write the models and optimizers of `parts` (e.g. {"policy": (policy, opt), "value": (value, value_opt)})
     as the DCP checkpoint `ckpt_dir/sharded_step{step}`; every rank calls it. Returns that directory.
 
-    The caller's marker says which step to resume (utils.save_checkpoint's state.pt, written after this returns:
+    The caller's marker says which step to resume (Run.checkpoint's state.pt, written after this returns:
     its barrier comes after every rank's write here). Two rules make a kill at any moment safe:
     - `sharded_step{N}` only ever names a whole checkpoint. DCP writes into `sharded_step{N}.tmp` (every rank its
       shards, then rank 0 the `.metadata` that names them, once all have written), and rank 0 renames it. A rerun
@@ -227,7 +275,7 @@ def non_finite_shards(parts: dict[str, tuple[nn.Module, torch.optim.Optimizer]])
     """Names of the model and optimizer tensors of `parts` that hold a NaN or an infinity on any rank: the same
     list on every rank (every rank calls it), so that all stop together before save_sharded.
 
-    utils.non_finite_tensors on the sharded state sees only this rank's shards: ranks would disagree about stopping,
+    run.non_finite_tensors on the sharded state sees only this rank's shards: ranks would disagree about stopping,
     and one that went on to save would wait in the checkpoint's collectives for a rank that had left.
     """
     bad = non_finite_tensors(_local(_sharded_state(parts)))

@@ -232,8 +232,11 @@ class VLLMRollout:
     def sync(self, model) -> None:
         """Load `model`'s weights into the engine, in place, then drop vLLM's prefix cache (its keys and values
         came from the old weights). The state dict holds lm_head.weight even when it is tied to the embedding:
-        vLLM's CPU build keeps its own (repacked) copy of the head, which would otherwise keep its old values."""
-        weights = list(model.state_dict().items())
+        vLLM's CPU build keeps its own (repacked) copy of the head, which would otherwise keep its old values.
+        A LoRA policy sends its merged weights, an FSDP policy its gathered ones (run.plain_state_dict)."""
+        from minirlaif.run import plain_state_dict
+
+        weights = list(plain_state_dict(model).items())
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
 

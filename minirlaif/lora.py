@@ -64,12 +64,16 @@ class LoRALayer(nn.Module):
         return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (..., out)
 
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """W + (alpha / r) B A, in the base weight's layout ((in, out) for Conv1D) and dtype; summed in fp32."""
-        delta = self.scale * (self.lora_B.float() @ self.lora_A.float())  # (out, in)
+    def merged_weight(self, weight=None, lora_A=None, lora_B=None) -> torch.Tensor:
+        """W + (alpha / r) B A, in the base weight's layout ((in, out) for Conv1D) and dtype; summed in fp32.
+        The three tensors default to this layer's own (merged_state_dict passes gathered copies under FSDP)."""
+        weight = self.base.weight if weight is None else weight
+        lora_A = self.lora_A if lora_A is None else lora_A
+        lora_B = self.lora_B if lora_B is None else lora_B
+        delta = self.scale * (lora_B.float() @ lora_A.float())  # (out, in)
         if self.fan_in_fan_out:
             delta = delta.T  # (in, out)
-        return (self.base.weight.float() + delta).to(self.base.weight.dtype)
+        return (weight.float() + delta).to(weight.dtype)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
@@ -141,24 +145,28 @@ def adapters_off(model: nn.Module):
 
 
 @torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, state: dict | None = None) -> dict[str, torch.Tensor]:
     """The base model's own state dict with every adapter folded in: `name.weight` = W + (alpha / r) B A.
 
     For `model.save_pretrained(path, state_dict=merged_state_dict(model))`: the checkpoint has exactly the keys of
     the model before add_lora, so transformers and vLLM load it with no adapter code. The model is not changed.
+    `state`: the model's state dict taken elsewhere (an FSDP model's, gathered: minirlaif.run.plain_state_dict);
+    default model.state_dict().
     """
     layers = dict(lora_layers(model))
-    state = {}
-    for key, value in model.state_dict().items():
+    state = model.state_dict() if state is None else state
+    merged = {}
+    for key, value in state.items():
         module, _, param = key.rpartition(".")
         if module in layers:  # lora_A, lora_B: folded into the weight below
             continue
         owner = module.removesuffix(".base")
         if owner != module and owner in layers:  # name.base.weight -> name.weight, name.base.bias -> name.bias
             key = f"{owner}.{param}"
-            value = layers[owner].merged_weight() if param == "weight" else value
-        state[key] = value
-    return state
+            if param == "weight":
+                value = layers[owner].merged_weight(value, state[f"{owner}.lora_A"], state[f"{owner}.lora_B"])
+        merged[key] = value
+    return merged
 
 
 @torch.no_grad()
@@ -175,7 +183,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_adapter(model: nn.Module, path, base_model_name_or_path: str) -> None:
+def save_adapter(model: nn.Module, path, base_model_name_or_path: str, state: dict | None = None) -> None:
     """Write the adapters in PEFT's format: `path`/adapter_config.json and `path`/adapter_model.safetensors.
 
     PEFT's file format (peft 0.21's LoraModel.save_pretrained, checked by loading it in tests/test_lora.py):
@@ -187,17 +195,19 @@ def save_adapter(model: nn.Module, path, base_model_name_or_path: str) -> None:
         r, lora_alpha, lora_dropout, target_modules (here the full names of the adapted layers, as PEFT itself
         writes "all-linear"), fan_in_fan_out (true for GPT-2's Conv1D), bias "none", modules_to_save,
         base_model_name_or_path. PEFT fills every other field with its default (use_rslora false: scale alpha / r).
+    `state`: the model's state dict taken elsewhere (gathered from FSDP shards); default model.state_dict().
     """
     path = Path(path)
+    state = model.state_dict() if state is None else state
     path.mkdir(parents=True, exist_ok=True)
     layers = lora_layers(model)
     tensors = {}
-    for name, layer in layers:
-        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().contiguous()
+    for name, _ in layers:
+        for ab in ("lora_A", "lora_B"):
+            tensors[f"base_model.model.{name}.{ab}.weight"] = state[f"{name}.{ab}"].detach().contiguous()
     for module in model.lora_config["modules_to_save"] or []:
-        for key, value in model.get_submodule(module).state_dict().items():
-            tensors[f"base_model.model.{module}.{key}"] = value.detach().contiguous()
+        for key in model.get_submodule(module).state_dict():
+            tensors[f"base_model.model.{module}.{key}"] = state[f"{module}.{key}"].detach().contiguous()
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
     task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
     config = {"peft_type": "LORA", "task_type": task, **model.lora_config,

@@ -26,6 +26,7 @@ What it guarantees (docs/engineering.md "Guarantees"):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,6 +35,8 @@ import platform
 import random
 import subprocess
 import sys
+import resource
+import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -42,9 +45,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
-from minirlaif.config import Positive, UserError, config_dict, config_errors, parse_config
+from minirlaif.config import (Between, NonNegative, Positive, UserError, config_dict, config_errors,
+                              parse_config, require)
 from minirlaif.data import DataError
+from minirlaif.lora import add_lora, lora_layers, merge_lora, merged_state_dict, save_adapter
 from minirlaif.utils import (append_jsonl, fault_point, read_json, read_jsonl_resumable, save_atomic, sha256_path,
                              truncate_jsonl, write_json)
 
@@ -65,6 +71,17 @@ class RunConfig:
     """also log to this wandb project (optional)"""
     tensorboard: bool = False
     """also log to tensorboard (optional)"""
+    # bigger models (docs/engineering.md "LoRA and FSDP2"): one place for both, Run.prepare / Run.unwrap
+    lora_rank: NonNegative[int] = 0
+    """train LoRA adapters of this rank on the backbone's linear layers, not every weight (0: full training)"""
+    lora_alpha: Positive[float] = 16.0
+    """LoRA's scale is lora_alpha / lora_rank"""
+    lora_dropout: Between(0, 0.99) = 0.0
+    """dropout on the adapters' input (PPO needs 0: its first ratio must be exactly 1)"""
+    lora_targets: str = "all-linear"
+    """layers that get adapters: all-linear (every linear layer of the blocks) or comma-separated name suffixes"""
+    fsdp: bool = False
+    """under torchrun, shard parameters, gradients and optimizer state over the ranks (FSDP2), not replicate them"""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,6 +247,7 @@ class Run:
         if errors := config_errors(cfg):  # main(cfg) called from code gets the checks parse_config makes
             raise UserError("\n  ".join([f"{name}: bad config values (one line per field):", *errors]))
         self.cfg, self.name, self.out_dir = cfg, name, Path(out_dir or cfg.out_dir)
+        self.fsdp = bool(getattr(cfg, "fsdp", False))
         self.run_control = ("resume", *run_control)
         self.partial = partial if partial is not None else ("checkpoint",)  # a trainer's logs: cut back in resume()
         self.t0, self.step, self.total, self.tracked, self._sinks = time.time(), 0, 0, {}, None
@@ -241,6 +259,8 @@ class Run:
             if (d := unfinished_stage(str(path))) is not None:
                 raise UserError(f"{name}: its input {flag} {path} is not finished: the run in {d} started "
                                 f"({d / 'run.json'}) but wrote no metrics.json; rerun that stage first")
+        require(not self.fsdp or "RANK" in os.environ, f"{name}: --fsdp shards over torchrun's ranks: launch it with "
+                f"torchrun --nproc_per_node N (N >= 1)")
         quiet_transformers()
         self.dist = setup_dist()
         self.device, self.master = self.dist.device, self.dist.master
@@ -313,12 +333,107 @@ class Run:
 
     def sync_grads(self, *models) -> None:
         """Sum every gradient over the ranks. Losses are normalised by global counts (all micro-batches, all
-        ranks), so the sum is the gradient of the global batch: N ranks take the update one process takes."""
-        if self.dist.ddp:
+        ranks), so the sum is the gradient of the global batch: N ranks take the update one process takes.
+        (--fsdp: backward has already summed them, reduce-scattered into each rank's shard: fsdp.shard_model.)"""
+        if self.dist.ddp and not self.fsdp:
             for model in models:
                 for p in model.parameters():
                     if p.grad is not None:
                         torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+
+    def clip_grad_norm(self, model, max_norm: float) -> torch.Tensor:
+        """Clip `model`'s gradients to a global norm of `max_norm`; returns the norm before clipping (under --fsdp
+        over every rank's shards: fsdp.clip_grad_norm_)."""
+        if self.fsdp:
+            from minirlaif import fsdp
+
+            return fsdp.clip_grad_norm_(model, max_norm)
+        return torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+
+    # -- the models: LoRA (--lora-rank) and FSDP2 (--fsdp), here and nowhere else ----------------------------
+
+    def prepare(self, model, trained=(), frozen=False, shard_blocks=True):
+        """Make `model` what the run trains (or, `frozen`, only uses), on the run's device; returns it. Build the
+        optimizer after this call, on the parameters that require grad.
+
+        - --lora-rank (trained models): LoRA adapters on the backbone's linear layers (lora.add_lora), all else
+          frozen but the `trained` modules (a reward / value model's "score" head); the adapters are seeded by
+          --seed, the same on every rank;
+        - under torchrun, a trained model takes rank 0's weights (a model built from a config draws its init from
+          each rank's own RNG, seed + rank; without a DDP wrapper nothing else would make the ranks agree);
+        - --fsdp: sharded over the ranks (fsdp.shard_model). shard_blocks=False makes the backbone one unit, for a
+          model whose gradient crosses forward calls through a KV cache (train_rm.py's shared-prefix pairs).
+        """
+        if frozen:
+            model.eval().requires_grad_(False)
+        elif self.cfg.lora_rank:
+            try:
+                add_lora(model, self.cfg.lora_rank, self.cfg.lora_alpha, self.cfg.lora_dropout, self.cfg.lora_targets,
+                         trained=trained, seed=self.cfg.seed)
+            except ValueError as e:  # a target that matches no layer: name the flag
+                raise UserError(f"{self.name}: --lora-targets {self.cfg.lora_targets}: {e}") from None
+        model.to(self.device)
+        if self.dist.ddp and not frozen:
+            for t in model.state_dict().values():
+                torch.distributed.broadcast(t, src=0)
+        if self.fsdp:
+            from minirlaif import fsdp
+
+            fsdp.shard_model(model, self.device, per_block=shard_blocks)
+        return model
+
+    @contextlib.contextmanager
+    def gathered(self, model):
+        """--fsdp: `model`'s whole weights on every rank inside the block (fsdp.gathered), for a loop whose number
+        of forward passes differs between ranks (sampling until EOS, the last batches of a split shared out), on
+        which a sharded model's per-forward collectives would hang. Without --fsdp (or a model), nothing to do."""
+        if not self.fsdp or model is None:
+            yield model
+            return
+        from minirlaif import fsdp
+
+        with fsdp.gathered(model):
+            yield model
+
+    def trained_state(self, model) -> dict:
+        """A CPU copy of the parameters of `model` that train (all, or the adapters and head under LoRA): what one
+        moment of a run differs from another by, for load_trained_state (train_rm.py's best validation model).
+        Under --fsdp gathered on rank 0 ({} on the others)."""
+        if self.fsdp:
+            from minirlaif import fsdp
+
+            return fsdp.full_model_state_dict(model, rank0_only=True, trained_only=True)
+        return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    def load_trained_state(self, model, state: dict) -> None:
+        """Put `trained_state`'s copy back into `model` (its frozen parameters never changed)."""
+        if self.fsdp:
+            from minirlaif import fsdp
+
+            return fsdp.load_full_model_state_dict(model, state)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and all(not p.requires_grad for k, p in model.named_parameters() if k in missing)
+
+    def unwrap(self, model, base: str = ""):
+        """The trained `model` as one plain transformers model on every rank, for what follows training (evaluation,
+        the reward offset, save): --fsdp's shards gathered into an unsharded copy, --lora-rank's adapters folded
+        into the weights, after rank 0 writes them to out_dir/adapter in PEFT's format for the base model `base`
+        (lora.save_adapter). A plain model comes back as it is."""
+        has_lora, sharded = bool(lora_layers(model)), False
+        if self.fsdp:
+            from minirlaif import fsdp
+
+            sharded = bool(fsdp.fsdp_units(model))
+        if not has_lora and not sharded:
+            return model
+        state = fsdp.full_model_state_dict(model, rank0_only=False) if sharded else model.state_dict()
+        if has_lora:
+            if self.master:
+                save_adapter(model, self.out_dir / "adapter", base, state)
+            if not sharded:
+                return merge_lora(model)  # in place
+            state = merged_state_dict(model, state)
+        return fsdp.unsharded_copy(model, state)
 
     # -- resume and checkpoints ------------------------------------------------------------------------------
 
@@ -329,47 +444,73 @@ class Run:
     def resume(self, **tracked) -> int:
         """Name what a checkpoint holds (models, optimizers, objects with state_dict, plain dicts of numbers) and
         restore it from this run's checkpoint when there is one; every rank's RNG state too. Returns the step to
-        continue from (0 for a fresh run). metrics.jsonl and samples.jsonl are cut back to that step."""
+        continue from (0 for a fresh run). metrics.jsonl and samples.jsonl are cut back to that step.
+        Under --fsdp the models and their optimizers are a DCP checkpoint of shards (fsdp.load_sharded), which any
+        number of ranks can load; the rest is in state.pt, as without."""
         self.tracked = tracked
         path = self.ckpt_dir / "state.pt"
         if not self.fresh and path.is_file():
             state = torch.load(path, map_location=self.device, weights_only=True)
             rng = torch.load(self.ckpt_dir / f"rng_rank{self.rank}_step{state['step']}.pt", weights_only=True)
             set_rng_state(rng["rng"])
+            sharded = self._sharded()
             for key, obj in tracked.items():
-                if obj is None:
+                if obj is None or key in state.get("sharded", ()):
                     continue
                 if isinstance(obj, dict):
                     obj.update(state[key])
                 else:
                     obj.load_state_dict(state[key])
+            if sharded:
+                from minirlaif import fsdp
+
+                fsdp.load_sharded(self.ckpt_dir, state["step"], sharded)
             self.step = state["step"]
             if self.master:
                 print(f"{self.name}: resumed from {self.ckpt_dir} at step {self.step}")
         if self.master:
             truncate_jsonl(self.out_dir / "metrics.jsonl", "step", self.step)
             truncate_jsonl(self.out_dir / "samples.jsonl", "update", self.step)
-        # every rank continues from rank 0's weights: a model built from a config is initialised from each rank's own
-        # RNG (seed + rank), and without a DDP wrapper nothing else would make them one
-        if self.dist.ddp and torch.distributed.is_initialized():
-            for obj in tracked.values():
-                if isinstance(obj, torch.nn.Module):
-                    for t in obj.state_dict().values():
-                        torch.distributed.broadcast(t, src=0)
         return self.step
+
+    def _sharded(self) -> dict:
+        """--fsdp: {model's name: (model, its optimizer)} of the tracked models, which DCP saves as shards."""
+        if not self.fsdp:
+            return {}
+        optimizers = [o for o in self.tracked.values() if isinstance(o, torch.optim.Optimizer)]
+        parts = {}
+        for name, model in self.tracked.items():
+            if isinstance(model, torch.nn.Module):
+                params = {id(p) for p in model.parameters()}
+                mine = [o for o in optimizers if any(id(p) in params for g in o.param_groups for p in g["params"])]
+                assert len(mine) == 1, f"--fsdp: resume() needs the optimizer of {name} too"
+                parts[name] = (model, mine[0])
+        return parts
 
     def checkpoint(self, step: int, force: bool = False) -> None:
         """Every --checkpoint-every steps (never at the last: the saved model supersedes it), save what `resume`
         was given; a state holding a NaN or an infinity is never saved (the run stops, saying what is on disk).
 
-        Every rank writes its RNG state under a step-tagged name first; after a barrier (every rank's file is on
-        disk) rank 0 writes state.pt, whose presence marks the checkpoint complete. A kill before that leaves the
-        previous state.pt with its own RNG files (the two newest per rank are kept)."""
+        Every rank writes its RNG state under a step-tagged name first (--fsdp: and its shards of the models and
+        optimizers, fsdp.save_sharded); after a barrier (every rank's files are on disk) rank 0 writes state.pt,
+        whose presence marks the checkpoint complete. A kill before that leaves the previous state.pt with its own
+        files (the two newest per rank are kept)."""
         if not force and (step % self.cfg.checkpoint_every or step >= self.total):
             return
+        sharded = self._sharded()
+        in_shards = [k for k, v in self.tracked.items() if any(v is x for pair in sharded.values() for x in pair)]
         state = {k: (dict(v) if isinstance(v, dict) else v.state_dict()) for k, v in self.tracked.items()
-                 if v is not None}
-        if bad := non_finite_tensors(state):
+                 if v is not None and k not in in_shards}
+        bad = non_finite_tensors(state)
+        if self.dist.ddp:  # every rank must stop, or one would wait in the next collective for a rank that left
+            every = [None] * self.world_size
+            torch.distributed.all_gather_object(every, bad)
+            bad = sorted({name for names in every for name in names})
+        if sharded:
+            from minirlaif import fsdp
+
+            bad += fsdp.non_finite_shards(sharded)
+        if bad:
             self.stop_non_finite(f"values in the state of step {step} ({', '.join(bad[:3])}"
                                  f"{', ...' if len(bad) > 3 else ''})", step)
         save_atomic({"step": step, "rng": rng_state()}, self.ckpt_dir / f"rng_rank{self.rank}_step{step}.pt")
@@ -377,9 +518,12 @@ class Run:
                           key=lambda p: int(p.stem.rsplit("step", 1)[1]))[:-2]:
             old.unlink()
         fault_point("checkpoint_rng")
-        self.barrier()  # state.pt must never name a step whose RNG file some rank has not written yet
+        if sharded:
+            fsdp.save_sharded(self.ckpt_dir, step, sharded)  # the newest older one is kept, as the RNG files are
+        self.barrier()  # state.pt must never name a step whose RNG file (or shard) some rank has not written yet
         if self.master:
-            save_atomic({**state, "step": step}, self.ckpt_dir / "state.pt")
+            save_atomic({**state, "step": step, **({"sharded": in_shards} if in_shards else {})},
+                        self.ckpt_dir / "state.pt")
         fault_point("checkpoint")
 
     def checkpoint_step(self) -> int | None:
@@ -467,6 +611,7 @@ class Run:
         """Rank 0 writes the model (save_pretrained: safetensors that transformers and vLLM load), metrics.json and
         manifest.json (config, inputs with their hashes, git commit, package versions, argv), then removes the
         checkpoint the model supersedes. Prints a one-line summary of the `headline` metrics. Leaves torchrun."""
+        metrics = {**metrics, "peak_rss_gb": peak_rss_gb()}  # this process's (rank 0's) high-water mark, on any device
         if self.master:
             if model is not None:
                 model.save_pretrained(self.out_dir)
@@ -488,6 +633,22 @@ class Run:
         cleanup_dist(self.dist)
 
 
+def plain_state_dict(model) -> dict:
+    """`model`'s weights under its transformers class's own names, on every rank (every rank calls it): --fsdp's
+    shards gathered, --lora-rank's adapters folded in (lora.merged_state_dict). What a vLLM engine loads."""
+    state = model.state_dict()
+    if any(isinstance(t, DTensor) for t in state.values()):
+        from minirlaif import fsdp
+
+        state = fsdp.full_model_state_dict(model, rank0_only=False)
+    return merged_state_dict(model, state) if lora_layers(model) else state
+
+
+def peak_rss_gb() -> float:
+    """The peak resident memory of this process so far, in GiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def progress(items, desc: str):
     """`items` with a progress bar when stderr is a terminal; plain otherwise, so a log file gets no carriage-return
     frames (what a log needs is in the stages' own lines)."""
@@ -498,11 +659,9 @@ def progress(items, desc: str):
 
 
 def remove(path: Path) -> None:
-    """Delete a file or a directory of files (a checkpoint), if it is there."""
+    """Delete a file or a directory (a checkpoint, with --fsdp's shard directories), if it is there."""
     if path.is_dir():
-        for f in path.glob("*"):
-            f.unlink()
-        path.rmdir()
+        shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
 
@@ -554,3 +713,8 @@ def cli(main, config_cls, presets: dict, argv: list[str] | None = None, renamed:
         else:
             print(f"{Path(sys.argv[0]).name}: {e}" if isinstance(e, DataError) else e, file=sys.stderr)
         sys.exit(1)
+    finally:
+        # leave torchrun's group on every path out, also after an error (no barrier: the other ranks may be gone):
+        # a process that exits in it can abort at exit, a gloo thread freeing its tensors (SIGABRT, torch 2.13)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

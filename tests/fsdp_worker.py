@@ -7,7 +7,7 @@ vocabulary that 2 ranks cannot split evenly) that samples a rollout before each 
 Llama LM (Linear); a GPT-2 reward model trained through models.shared_prefix_rewards (a backbone called twice,
 then the head); a "LoRA-like" Llama value model (frozen base, trainable adapters inside the blocks, a trainable
 score head) trained on per-token values. After every step it saves a sharded checkpoint of all four
-(fsdp.save_sharded, then utils.save_checkpoint's state.pt, the marker of a complete checkpoint); a rerun resumes
+(fsdp.save_sharded, then a state.pt that names its step, as Run.checkpoint writes it); a rerun resumes
 from the last complete one. Before training it samples from a frozen sharded policy (fsdp.gathered), each rank
 its own queries, and runs it under no_grad. Rank 0 writes what the test compares to OUT_DIR/results.pt, and each
 rank its samples to OUT_DIR/samples_rank{r}.pt; last, a NaN put into one rank's shard must be reported on every
@@ -16,7 +16,6 @@ rank (OUT_DIR/non_finite_rank{r}.pt).
 
 from __future__ import annotations
 
-import dataclasses
 import faulthandler
 import sys
 from datetime import timedelta
@@ -34,7 +33,7 @@ from minirlaif import fsdp
 from minirlaif.generation import generate
 from minirlaif.losses import bradley_terry_loss
 from minirlaif.models import causal_lm_logits, shared_prefix_rewards, token_scores
-from minirlaif.utils import Dist, load_checkpoint, save_checkpoint
+from minirlaif.utils import fault_point, save_atomic
 
 VOCAB, EOS, PAD = 61, 0, 1  # 61: the embedding's rows do not split evenly over 2 ranks
 STEPS, LR, MAX_NORM = 4, 3e-3, 1.1  # MAX_NORM: some steps are clipped, some not (the test checks)
@@ -183,10 +182,18 @@ def sample_queries(rank: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     return ids, mask, [7 + 10 * rank + i for i in range(len(rows))]
 
 
-@dataclasses.dataclass
-class RunConfig:  # what utils.save_checkpoint records and load_checkpoint checks a resume against
-    steps: int = STEPS
-    lr: float = LR
+def save_marker(ckpt: Path, step: int, norms: dict) -> None:
+    """state.pt, the marker of a complete checkpoint (as Run.checkpoint's): rank 0 writes it once every rank has
+    written its shards (save_sharded's barrier); a kill before leaves the previous marker ("checkpoint_rng", as
+    Run.checkpoint names the moment after its per-rank files)."""
+    fault_point("checkpoint_rng")
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        save_atomic({"step": step, "norms": norms}, ckpt / "state.pt")
+
+
+def load_marker(ckpt: Path) -> dict | None:
+    return torch.load(ckpt / "state.pt", weights_only=True) if (ckpt / "state.pt").is_file() else None
 
 
 def main(out: Path) -> None:
@@ -205,8 +212,7 @@ def main(out: Path) -> None:
 
 def run(out: Path) -> None:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    dist, device = Dist(rank=rank, world_size=world), torch.device("cpu")
-    cfg, ckpt = RunConfig(), out / "checkpoint"
+    device, ckpt = torch.device("cpu"), out / "checkpoint"
 
     # sampling and a frozen model's forward, before any training step (as a PPO run's first rollout)
     policy = fsdp.shard_model(sampling_policy(), device)
@@ -222,7 +228,7 @@ def run(out: Path) -> None:
     # the reward model trains through shared_prefix_rewards: its backbone is one unit (fsdp.shard_model)
     models = {case: fsdp.shard_model(build(case), device, per_block=case != "rm") for case in CASES}
     parts = {case: (model, make_optimizer(model)) for case, model in models.items()}
-    state = load_checkpoint(ckpt, cfg, dist)
+    state = load_marker(ckpt)
     start, norms = (state["step"], state["norms"]) if state else (0, {case: [] for case in CASES})
     if state:
         fsdp.load_sharded(ckpt, start, parts)
@@ -234,7 +240,7 @@ def run(out: Path) -> None:
                     generate(model, ids, mask, max_new_tokens=12, eos_id=EOS, pad_id=PAD, seeds=seeds)
             norms[case].append(train_step(case, model, opt, step, rank, world))
         fsdp.save_sharded(ckpt, step + 1, parts)
-        save_checkpoint(ckpt, step + 1, {"config": dataclasses.asdict(cfg), "norms": norms}, dist)
+        save_marker(ckpt, step + 1, norms)
 
     results = {case: {"norms": norms[case], "weights": fsdp.full_model_state_dict(model),
                       "optim": fsdp.full_optimizer_state_dict(model, parts[case][1]).get("state")}

@@ -257,8 +257,11 @@ def test_a_causal_lm_given_as_the_reward_model_is_refused(setup, tmp_path):
 def test_bf16_on_cpu_runs_and_stays_close_to_fp32(setup, tmp_path, monkeypatch):
     """`--bf16` on CPU (autocast, eager attention) trains, and its first update is fp32's to bf16 accuracy."""
     attention = []  # the attention each of train_ppo's models ends up with
-    monkeypatch.setattr(train_ppo, "set_attention", lambda model, device, bf16: attention.append(
-        set_attention(model, device, bf16).config._attn_implementation))
+    def recorded(model, device, bf16):
+        attention.append(set_attention(model, device, bf16).config._attn_implementation)
+        return model
+
+    monkeypatch.setattr(train_ppo, "set_attention", recorded)
     rows = {}
     for name, extra in (("fp32", ()), ("bf16", ("--bf16",))):
         metrics = train_ppo.main(parse_config(train_ppo.Config, train_ppo.PRESETS,

@@ -195,17 +195,21 @@ def test_vllm_d_rlaif_ratings_match_hf(setup, family):
 # train_ppo.py --rollout-backend vllm
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "llama-lora"])
 def test_rollout_engine_weight_sync_matches_the_trainer(setup, family):
     """After the policy changes (an AdamW step here) and a sync, vLLM's log-probs of a fixed sequence equal the
     trainer's to 1e-4; before the sync they are the old weights'. GPT-2 ties its head to the embedding (vLLM's CPU
-    build keeps a separate copy of the head, which a sync must update too); the Llama has its own head."""
+    build keeps a separate copy of the head, which a sync must update too); the Llama has its own head. A LoRA
+    policy (--lora-rank: only its adapters step) syncs its merged weights, under the base model's names."""
 
     from minirlaif.generation import VLLMRollout
+    from minirlaif.lora import add_lora
     from minirlaif.models import load_causal_lm
 
-    path = setup["root"] / family
+    path = setup["root"] / family.removesuffix("-lora")
     policy = load_causal_lm(str(path))
+    if family.endswith("-lora"):
+        add_lora(policy, rank=4, alpha=32.0)
     engine = VLLMRollout(str(path), seed=0)
     try:
         check_sync(engine, policy, build_query(setup["tok"], setup["posts"][0], 200)[1][:60])
@@ -334,6 +338,20 @@ def test_ppo_vllm_rollouts_ratio_one_and_resume(setup, rm, ppo_full, tmp_path, m
         for k, v in a.items():
             if not k.startswith("time/") and k != "eps" and not k.startswith("rollout/vllm_logprob"):
                 assert r[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+def test_ppo_vllm_rollouts_with_a_lora_policy_sample_its_merged_weights(setup, rm, tmp_path):
+    """--lora-rank 4 with vLLM rollouts: after every update the engine gets the merged weights, so its log-probs of
+    its own samples stay within 1e-4 of the LoRA policy's at every update, while the policy moves away from SFT."""
+    ppo_run(setup, tmp_path / "lora", "--lora-rank", "4", "--lora-alpha", "32")
+    gc.collect()
+    got = rows(tmp_path / "lora" / "metrics.jsonl")
+    assert len(got) == 3
+    assert got[0]["objective/kl"] == pytest.approx(0, abs=1e-6)  # the reference: the policy with its adapters off
+    assert abs(got[-1]["objective/kl"]) > 1e-3  # the adapters trained: the last rollouts came from moved weights
+    for r in got:
+        assert r["rollout/vllm_logprob_diff_max"] < 1e-4, r
+    assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_ppo_vllm_rollouts_under_torchrun_match_one_process(setup, rm, ppo_full, tmp_path):
