@@ -124,7 +124,7 @@ class Config(LabelerConfig, PromptConfig):  # the judge: --labeler (rule: the go
     rm_batch_size: Positive[int] = 64
     """RM scoring: sequences per forward pass"""
     bf16: bool = False
-    """bf16 autocast for RM scoring, on GPU or CPU (the CPU presets run fp32)"""
+    """bf16 autocast for the hf sampler and RM scoring, on GPU or CPU (the CPU presets tiny and micro run fp32)"""
     n_samples: NonNegative[int] = 4
     """side-by-side samples in report.md and eval.json"""
 
@@ -132,7 +132,8 @@ class Config(LabelerConfig, PromptConfig):  # the judge: --labeler (rule: the go
 PRESETS = {
     "micro": dict(n=8, max_new_tokens=16, gen_batch_size=8, gen_chunk=4, judge_chunk=4, n_bootstrap=100,
                   n_rm_eval=32, rm_batch_size=16, n_samples=2),
-    "smol": dict(n=16, max_query_tokens=160, max_new_tokens=40, gen_batch_size=16, n_rm_eval=32, rm_batch_size=16),
+    "smol": dict(n=300, max_query_tokens=160, max_new_tokens=48, gen_batch_size=32, gen_chunk=64, n_rm_eval=200,
+                 rm_batch_size=32, bf16=True),
     # the seed: 1000 validation prompts, GPT-4o as judge; our gpt2-large PPO responses are up to 128 tokens
     "gpt2-large": dict(task_dir="", dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered", n=1000,
                        max_query_tokens=512, max_new_tokens=128, gen_batch_size=32, gen_chunk=512, labeler="openai",
@@ -235,7 +236,7 @@ def generate_policy(name: str, path: str, sha256: str, posts, cfg: Config, backe
     """
     key = short_hash({"policy_sha256": sha256, "dataset": cfg.dataset, "split": cfg.split,
                       "max_query_tokens": cfg.max_query_tokens, "max_new_tokens": cfg.max_new_tokens,
-                      "backend": backend})
+                      "backend": backend, **({"bf16": True} if cfg.bf16 and backend == "hf" else {})})
     cache = cache_dir / f"{name}.{key}.jsonl"
     cache.parent.mkdir(parents=True, exist_ok=True)
     have = unique_ids(read_jsonl_resumable(cache, GENERATION_SCHEMA), cache)
@@ -252,12 +253,12 @@ def generate_policy(name: str, path: str, sha256: str, posts, cfg: Config, backe
         gc.collect()  # vLLM holds GPU memory until its engine is collected
     else:
         tokenizer = load_tokenizer(path)
-        model = load_causal_lm(path).to(device).eval()
+        model = set_attention(load_causal_lm(path).to(device).eval(), device, cfg.bf16)  # CPU bf16: eager attention
         chunks = [todo[i:i + cfg.gen_chunk] for i in range(0, len(todo), cfg.gen_chunk)]
         for chunk in progress(chunks, f"summaries {name}"):
             queries = [build_query(tokenizer, p, cfg.max_query_tokens)[1] for p in chunk]
             outs = generate_texts(model, tokenizer, queries, cfg.max_new_tokens, cfg.gen_batch_size, greedy=True,
-                                  device=device)
+                                  device=device, bf16=cfg.bf16)
             append_jsonl(cache, [{"id": p.id, **o} for p, o in zip(chunk, outs)])
         del model
     if todo and torch.cuda.is_available():

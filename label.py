@@ -84,6 +84,8 @@ class Config(LabelerConfig, PromptConfig):  # --labeler and its settings, --prea
     """queries longer than this are cut at the post's last newline (counted), as in SFT"""
     gen_batch_size: Positive[int] = 64
     """hf sampler: sequences per batch"""
+    bf16: bool = False
+    """hf sampler: bf16 autocast (on a GPU, or a CPU with AVX512-BF16/AMX)"""
     gen_chunk: Positive[int] = 256
     """posts per seeded sampling chunk; each chunk is appended to candidates.jsonl when done"""
     candidates: str = ""
@@ -122,8 +124,8 @@ class Config(LabelerConfig, PromptConfig):  # --labeler and its settings, --prea
 
 PRESETS = {
     "micro": dict(max_posts=24, gen_chunk=8, label_chunk=8, max_new_tokens=24, gen_batch_size=16, max_pairs=24),
-    # the SFT policy of train_sft.py --preset smol (SmolLM2-135M-Instruct): 32 posts, the rule labeler
-    "smol": dict(max_posts=32, max_query_tokens=160, max_new_tokens=40, gen_batch_size=16, gen_chunk=16),
+    # the SFT policy of train_sft.py --preset smol (SmolLM2-135M-Instruct): 400 posts, the rule labeler
+    "smol": dict(max_posts=400, max_query_tokens=160, max_new_tokens=48, gen_batch_size=32, gen_chunk=64, bf16=True),
     # the seed's labeler: Llama-3.3-70B-Instruct on vLLM (tensor parallel 4), detailed preamble, 0-shot, CoT
     "gpt2-large": dict(task_dir="", comparisons="openai/summarize_from_feedback", backend="vllm",
                        max_new_tokens=53, max_query_tokens=512, labeler="vllm",
@@ -159,7 +161,7 @@ def candidate_row(post, query: str, truncated: bool, a: dict, b: dict) -> dict:
 def sample_candidates(cfg: Config, posts, have: set, path: Path) -> None:
     """Two samples per post missing from `path`, appended chunk by chunk (hf) or after one vLLM call."""
     from minirlaif.generation import generate_texts, row_seeds, vllm_generate
-    from minirlaif.models import load_causal_lm, load_tokenizer
+    from minirlaif.models import load_causal_lm, load_tokenizer, set_attention
 
     tokenizer = load_tokenizer(cfg.sft_path)
     chunks = [posts[i:i + cfg.gen_chunk] for i in range(0, len(posts), cfg.gen_chunk)]
@@ -182,13 +184,13 @@ def sample_candidates(cfg: Config, posts, have: set, path: Path) -> None:
             append_jsonl(path, rows[i:i + cfg.gen_chunk])
         return
     device = resolve_device(cfg.device)
-    model = load_causal_lm(cfg.sft_path).to(device).eval()
+    model = set_attention(load_causal_lm(cfg.sft_path).to(device).eval(), device, cfg.bf16)  # CPU bf16: eager
     for k, chunk in progress(todo, "candidates"):
         built = [build_query(tokenizer, p, cfg.max_query_tokens) for p in chunk]
         # each query twice: two independent samples per post, drawn in one seeded pass over the chunk
         outs = generate_texts(model, tokenizer, [q[1] for q in built for _ in range(2)], cfg.max_new_tokens,
                               cfg.gen_batch_size, temperature=cfg.temperature, greedy=greedy,
-                              seed=chunk_seed(cfg.seed, k), device=device)
+                              seed=chunk_seed(cfg.seed, k), device=device, bf16=cfg.bf16)
         append_jsonl(path, [candidate_row(p, q[0], q[2], outs[2 * j], outs[2 * j + 1])
                             for j, (p, q) in enumerate(zip(chunk, built)) if p.id not in have])
 

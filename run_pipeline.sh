@@ -2,14 +2,18 @@
 # The whole pipeline in one command: RLAIF (SFT -> AI labels -> RM -> PPO) and the RLHF baseline (RM on human
 # labels -> PPO), then the evaluation.
 #
-#   bash run_pipeline.sh [preset] [extra flags for every stage]     # preset: tiny (default), micro, gpt2-large
+#   bash run_pipeline.sh [preset] [extra flags for every stage]     # preset: tiny (default), micro, smol, gpt2-large
+#
+# smol: SmolLM2-135M-Instruct as the policy (LoRA, bf16) on the tiny task, converted first into
+# runs/models/smollm2-135m-instruct if it is not there (python -m minirlaif.smollm2; README "Quick start" installs
+# it). RLHF=0 leaves out the RLHF branch (stages 5-6), as README's SmolLM2 result does: RLHF=0 bash run_pipeline.sh smol
 #
 # Outputs go to runs/<preset>/ under the current directory. Rerun after a kill, or after changing one stage's
 # flags: a stage whose metrics.json exists and whose manifest holds the same config is skipped (each script
 # checks this itself), and an interrupted stage resumes from its checkpoint. PYTHON picks the interpreter;
 # for gpt2-large on several GPUs, set LAUNCH="torchrun --nproc_per_node 4" for the training stages. PARALLEL=1|0
 # runs the RLAIF and RLHF branches side by side or one after the other (default: side by side on the CPU
-# presets tiny and micro, in a row for gpt2-large, whose stages each want every GPU).
+# presets tiny and micro, in a row for smol and gpt2-large, whose stages each want every core or GPU).
 #
 # ALGOS="reinforce rloo grpo reinforce++ dr-grpo direct" (any subset, default none) also trains those RL variants
 # on the same SFT model and episode budget after the RLAIF and RLHF branches, each into runs/<preset>/<variant>,
@@ -73,6 +77,10 @@ stage() {  # stage NAME LAUNCHER SCRIPT [flags...]: when it ends, one line with 
     fi
 }
 
+if [[ "$preset" == smol && ! -f runs/models/smollm2-135m-instruct/model.safetensors ]]; then
+    echo "=== 0/7 SmolLM2-135M-Instruct: python -m minirlaif.smollm2 --out-dir runs/models/smollm2-135m-instruct"
+    "$python" -m minirlaif.smollm2 --out-dir runs/models/smollm2-135m-instruct
+fi
 stage "1/7 SFT" "$launch" train_sft.py "$@"
 # the AI labels come before both branches: the RLHF reward model scores itself on their test split too
 # (acc_ai_test), so it must never read a pairs.jsonl that is still being written (its numbers would depend on timing)
@@ -90,7 +98,10 @@ rlhf() {
 # The RLAIF and RLHF branches are independent after the labels. On a CPU preset they run side by side with one thread
 # each: a tiny model's small matrix products scale poorly past one core, so two 1-thread jobs finish well before
 # two 2-thread jobs in a row. Each branch's output goes to its own log file.
-if [[ "${PARALLEL:-auto}" == 1 || ( "${PARALLEL:-auto}" == auto && "$preset" != gpt2-large ) ]]; then
+if [[ "${RLHF:-1}" == 0 ]]; then
+    echo "=== RLHF=0: the RLHF branch (stages 5-6) is left out"
+    rlaif "$@"
+elif [[ "${PARALLEL:-auto}" == 1 || ( "${PARALLEL:-auto}" == auto && "$preset" != gpt2-large && "$preset" != smol ) ]]; then
     mkdir -p "$runs/logs"
     echo "=== RLAIF (stages 3-4) and RLHF (stages 5-6) side by side; logs: $runs/logs/{rlaif,rlhf}.log"
     IN_BRANCH=1 OMP_NUM_THREADS=1 rlaif "$@" > "$runs/logs/rlaif.log" 2>&1 &

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from minirlaif.models import causal_lm_logits, new_cache, pad_batch
+from minirlaif.utils import autocast
 
 
 @dataclass
@@ -83,11 +84,11 @@ def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_t
 
 def generate_texts(model, tokenizer, queries: list[list[int]], max_new_tokens: int, batch_size: int,
                    temperature: float = 1.0, greedy: bool = False, seed: int = 0, device="cpu",
-                   progress: bool = False) -> list[dict]:
+                   progress: bool = False, bf16: bool = False) -> list[dict]:
     """Generate for many queries in batches; returns [{"text", "token_ids"}] in the input order.
 
     Queries are batched in length order (less padding); query i samples with seed row_seeds(seed)[i], so each
-    output depends only on its query, `seed` and i, never on the batching.
+    output depends only on its query, `seed` and i, never on the batching. `bf16`: under bf16 autocast.
     """
     seeds = row_seeds(seed, n=len(queries))
     order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
@@ -98,9 +99,10 @@ def generate_texts(model, tokenizer, queries: list[list[int]], max_new_tokens: i
         batches = progress(batches, "generate")
     for idx in batches:
         ids, mask = pad_batch([queries[i] for i in idx], tokenizer.pad_token_id, side="left")
-        gen = generate(model, ids.to(device), mask.to(device), max_new_tokens, tokenizer.eos_token_id,
-                       tokenizer.pad_token_id, temperature=temperature, greedy=greedy,
-                       seeds=[seeds[i] for i in idx])
+        with autocast(device, bf16):
+            gen = generate(model, ids.to(device), mask.to(device), max_new_tokens, tokenizer.eos_token_id,
+                           tokenizer.pad_token_id, temperature=temperature, greedy=greedy,
+                           seeds=[seeds[i] for i in idx])
         for row, i in enumerate(idx):
             toks = gen.tokens[row][gen.mask[row].bool()].tolist()
             out[i] = {"text": decode_summary(tokenizer, toks), "token_ids": toks}

@@ -3,12 +3,15 @@
     run = Run(cfg, "sft", inputs={"dataset": cfg.dataset})   # skip a finished run; torchrun, seeds, threads
     if run.finished:
         return run.finished
+    model = run.prepare(model)                               # the device; --lora-rank adapters; --fsdp shards
     step = run.resume(model=model, optimizer=optimizer)      # what a checkpoint holds; restored if there is one
     for step in run.steps(step, total_steps):                # the loop (a progress bar on a terminal)
         ... loss.backward() ...
         run.sync_grads(model)                                 # gradients summed over the ranks
+        run.clip_grad_norm(model, cfg.grad_clip)              # (under --fsdp over every rank's shards)
         run.log(step + 1, metrics)                            # a short line, a metrics.jsonl row
         run.checkpoint(step + 1)                              # every --checkpoint-every steps
+    model = run.unwrap(model)                                # one plain model: shards gathered, adapters merged
     run.save(metrics, model, tokenizer)                      # model, metrics.json, manifest.json
 
 What it guarantees (docs/engineering.md "Guarantees"):
@@ -21,7 +24,10 @@ What it guarantees (docs/engineering.md "Guarantees"):
   kill at any moment leaves either the previous complete checkpoint or the new one.
 - An input that another stage is still writing (its run.json is there, its metrics.json not) is refused.
 - One way to train on several ranks: each rank's loss is normalised by global counts, so the gradient of the
-  global batch is the SUM of the ranks' gradients (`sync_grads`); no DDP wrapper.
+  global batch is the SUM of the ranks' gradients (`sync_grads`; under --fsdp, FSDP2's reduce-scatter sums
+  them); no DDP wrapper.
+- LoRA (--lora-rank) and FSDP2 (--fsdp) are here only: prepare, gathered, clip_grad_norm, checkpoint / resume
+  (DCP shards under --fsdp), unwrap (docs/engineering.md "LoRA and FSDP2").
 """
 
 from __future__ import annotations

@@ -41,8 +41,9 @@ STAGES = {
     "eval": ["evaluate.py"],
 }
 TRAINERS = ("sft", "rm", "rm_human", "ppo")
-# fields that hold wall-clock time or throughput, or name the moment of the run: the only ones allowed to differ
-VOLATILE = ("time", "_s", "eps", "per_s", "updates_this_run", "api_this_run")
+# fields that hold wall-clock time, throughput or this process's peak memory, or name the moment of the run: the only
+# ones allowed to differ
+VOLATILE = ("time", "_s", "eps", "per_s", "updates_this_run", "api_this_run", "peak_rss_gb")
 
 
 def volatile(key: str) -> bool:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-from minirlaif.generation import decode_summary, generate, generate_texts
+from minirlaif.generation import decode_summary, generate, generate_texts, row_seeds
 from minirlaif.losses import logprobs_from_logits
 from minirlaif.models import (fold_reward_offset, fuse_gelu, last_index, load_causal_lm, pad_batch, position_ids,
                               response_logits, sequence_rewards, set_attention, tiny_gpt2_config, token_scores,
@@ -178,6 +178,22 @@ def test_generation_is_batch_independent(policy, tok, greedy):
     together = generate_texts(policy, tok, queries, 8, batch_size=5, greedy=greedy, seed=3)
     small = generate_texts(policy, tok, queries, 8, batch_size=2, greedy=greedy, seed=3)
     assert [o["token_ids"] for o in together] == [o["token_ids"] for o in small]
+
+
+def test_bf16_generation_is_the_sampler_under_autocast(policy, tok):
+    """generate_texts(bf16=True) samples what `generate` samples under bf16 autocast (label.py / evaluate.py
+    --bf16), which is not fp32's: the log-probs differ by bf16's rounding."""
+    queries = _texts_as_queries(tok)
+    ids, mask = pad_batch(sorted(queries, key=len), tok.pad_token_id, side="left")
+    out = generate_texts(policy, tok, queries, 8, batch_size=5, greedy=False, seed=3, bf16=True)
+    seeds = row_seeds(3, n=len(queries))
+    order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gen = generate(policy, ids, mask, 8, tok.eos_token_id, tok.pad_token_id, seeds=[seeds[i] for i in order])
+    fp32 = generate(policy, ids, mask, 8, tok.eos_token_id, tok.pad_token_id, seeds=[seeds[i] for i in order])
+    for row, i in enumerate(order):
+        assert out[i]["token_ids"] == gen.tokens[row][gen.mask[row].bool()].tolist()
+    assert not torch.equal(gen.logprobs, fp32.logprobs)
 
 
 def test_gumbel_max_sampling_matches_the_softmax():
