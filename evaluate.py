@@ -132,8 +132,8 @@ class Config(LabelerConfig, PromptConfig):  # the judge: --labeler (rule: the go
 PRESETS = {
     "micro": dict(n=8, max_new_tokens=16, gen_batch_size=8, gen_chunk=4, judge_chunk=4, n_bootstrap=100,
                   n_rm_eval=32, rm_batch_size=16, n_samples=2),
-    "smol": dict(n=300, max_query_tokens=160, max_new_tokens=48, gen_batch_size=32, gen_chunk=64, n_rm_eval=200,
-                 rm_batch_size=32, bf16=True),
+    "smol": dict(n=250, max_query_tokens=160, max_new_tokens=48, gen_batch_size=64, gen_chunk=64, n_rm_eval=200,
+                 rm_batch_size=32),
     # the seed: 1000 validation prompts, GPT-4o as judge; our gpt2-large PPO responses are up to 128 tokens
     "gpt2-large": dict(task_dir="", dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered", n=1000,
                        max_query_tokens=512, max_new_tokens=128, gen_batch_size=32, gen_chunk=512, labeler="openai",

@@ -124,8 +124,8 @@ class Config(LabelerConfig, PromptConfig):  # --labeler and its settings, --prea
 
 PRESETS = {
     "micro": dict(max_posts=24, gen_chunk=8, label_chunk=8, max_new_tokens=24, gen_batch_size=16, max_pairs=24),
-    # the SFT policy of train_sft.py --preset smol (SmolLM2-135M-Instruct): 400 posts, the rule labeler
-    "smol": dict(max_posts=400, max_query_tokens=160, max_new_tokens=48, gen_batch_size=32, gen_chunk=64, bf16=True),
+    # the SFT policy of train_sft.py --preset smol (SmolLM2-135M-Instruct): 320 posts, the rule labeler
+    "smol": dict(max_posts=320, max_query_tokens=160, max_new_tokens=48, gen_batch_size=64, gen_chunk=64),
     # the seed's labeler: Llama-3.3-70B-Instruct on vLLM (tensor parallel 4), detailed preamble, 0-shot, CoT
     "gpt2-large": dict(task_dir="", comparisons="openai/summarize_from_feedback", backend="vllm",
                        max_new_tokens=53, max_query_tokens=512, labeler="vllm",

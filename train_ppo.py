@@ -178,8 +178,8 @@ class Config(LabelerConfig, RunConfig):  # inherited: --labeler and its settings
 PRESETS = {
     "micro": dict(total_episodes=48, batch_size=16, micro_batch_size=8, response_length=16, sample_every=1,
                   n_samples=2, checkpoint_every=1),
-    "smol": dict(lora_rank=16, lora_alpha=32.0, bf16=True, max_query_tokens=160, total_episodes=512, batch_size=16,
-                 micro_batch_size=8, response_length=48, ppo_epochs=2, lr=5e-5, sample_every=4, checkpoint_every=4),
+    "smol": dict(lora_rank=16, lora_alpha=32.0, max_query_tokens=160, total_episodes=320, batch_size=16,
+                 micro_batch_size=8, response_length=48, ppo_epochs=1, lr=1e-4, sample_every=5, checkpoint_every=5),
     "gpt2-large": dict(task_dir="", dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered", max_query_tokens=512,
                        total_episodes=912 * 128, batch_size=128, micro_batch_size=8, response_length=128, lr=1e-5,
                        sample_every=20, checkpoint_every=50, bf16=True),

@@ -98,12 +98,11 @@ class Config(RunConfig):  # inherited: --resume, --bf16, --checkpoint-every, --w
 PRESETS = {
     "micro": dict(max_train_posts=512, max_steps=12, n_layer=2, n_embd=64, n_head=2, eval_every=6, checkpoint_every=6,
                   n_val=32, n_judge=16, log_every=2, warmup_steps=2, micro_batch_size=8, batch_size=16),
-    # SmolLM2-135M-Instruct (python -m minirlaif.smollm2) on the synthetic task with LoRA, bf16 (a CPU with
-    # AVX512-BF16 or AMX; elsewhere add --no-bf16): README's SmolLM2 result, `RLHF=0 bash run_pipeline.sh smol`
-    "smol": dict(model="runs/models/smollm2-135m-instruct", lora_rank=16, lora_alpha=32.0, bf16=True,
-                 max_query_tokens=160, max_completion_tokens=48, batch_size=8, micro_batch_size=8, max_steps=120,
-                 lr=2e-4, warmup_steps=10, min_lr_ratio=0.1, eval_every=40, n_val=64, n_judge=64,
-                 checkpoint_every=40, log_every=10),
+    # SmolLM2-135M-Instruct (python -m minirlaif.smollm2) on the synthetic task with LoRA, fp32 (bf16 on a CPU
+    # without AVX512-BF16/AMX is ~25x slower): README's SmolLM2 result, `RLHF=0 bash run_pipeline.sh smol`
+    "smol": dict(model="runs/models/smollm2-135m-instruct", lora_rank=16, lora_alpha=32.0, max_query_tokens=160,
+                 max_completion_tokens=48, batch_size=8, micro_batch_size=8, max_steps=40, lr=2e-4, warmup_steps=4,
+                 min_lr_ratio=0.1, eval_every=20, n_val=64, n_judge=64, checkpoint_every=20, log_every=5),
     "gpt2-large": dict(task_dir="", dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered", model="gpt2-large",
                        max_query_tokens=512, max_completion_tokens=128, batch_size=64, micro_batch_size=8,
                        max_steps=-1, epochs=1, lr=5e-5, warmup_steps=0, min_lr_ratio=0.0, weight_decay=0.0,

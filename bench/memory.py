@@ -3,8 +3,9 @@
     python bench/memory.py            # prints the Markdown tables (a few seconds; no GPU, no hub, no weights)
 
 The parameters are counted from real transformers models built on the meta device (shapes only, no memory) from
-configs written here: gpt2-large, and a Qwen2-1.5B-shaped model. The LoRA rows count the adapters of
-minirlaif.lora.add_lora applied to those meta models (rank 16, every linear layer of the blocks). Bytes per GPU:
+configs written here: SmolLM2-135M (also measured on CPU: docs/memory.md), gpt2-large, and a Qwen2-1.5B-shaped
+model. The LoRA rows count the adapters of minirlaif.lora.add_lora applied to those meta models (rank 16, every
+linear layer of the blocks). Bytes per GPU:
 
   * a trained parameter: fp32 weight (4 bytes) + fp32 gradient (4) + AdamW's two fp32 states (8) = 16 bytes;
   * a frozen parameter: its fp32 weight (4 bytes);
@@ -23,7 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, LlamaConfig, Qwen2Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minirlaif.lora import add_lora, parameter_counts  # noqa: E402
@@ -34,6 +35,10 @@ SETUPS = ["DDP", "DDP + LoRA", "FSDP2", "FSDP2 + LoRA"]
 GIB = 2**30
 
 CONFIGS = {
+    # SmolLM2-135M(-Instruct)'s config.json (runs/models/smollm2-135m-instruct): the model the CPU measurements ran
+    "SmolLM2-135M": LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                                tie_word_embeddings=True),
     # gpt2-large's config.json: 36 layers, 1280 wide, 20 heads, 1024 positions, GPT-2's vocabulary; tied embeddings
     "gpt2-large": GPT2Config(n_embd=1280, n_layer=36, n_head=20, n_positions=1024, vocab_size=50257),
     # Qwen2-1.5B's shape: q/k/v with biases (as Qwen2 has), tied embeddings
