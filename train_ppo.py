@@ -29,6 +29,7 @@ Commands (--trace N writes N episodes' numbers token by token into out_dir/trace
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,7 +49,7 @@ from minirlaif.losses import (AdaptiveKLController, FixedKLController, dr_grpo_a
 from minirlaif.models import (check_model, disable_dropout, last_index, load_causal_lm, load_scalar_model,
                               load_tokenizer, pad_batch, response_logits, set_attention, token_scores, trim)
 from minirlaif.reward import LabelerReward, RMReward, leave_out_unscored, write_samples
-from minirlaif.run import Run, RunConfig, cli
+from minirlaif.run import Run, RunConfig, cli, trained_parameters
 from minirlaif.trace import PPOTrace, traced_updates
 from minirlaif.utils import autocast, batch_indices, first_last, linear_lr
 
@@ -179,7 +180,8 @@ PRESETS = {
     "micro": dict(total_episodes=48, batch_size=16, micro_batch_size=8, response_length=16, sample_every=1,
                   n_samples=2, checkpoint_every=1),
     "smol": dict(lora_rank=16, lora_alpha=32.0, max_query_tokens=160, total_episodes=320, batch_size=16,
-                 micro_batch_size=8, response_length=48, ppo_epochs=1, lr=1e-4, sample_every=5, checkpoint_every=5),
+                 micro_batch_size=8, response_length=48, ppo_epochs=1, lr=5e-5, kl_coef=0.2, sample_every=5,
+                 checkpoint_every=5),
     "gpt2-large": dict(task_dir="", dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered", max_query_tokens=512,
                        total_episodes=912 * 128, batch_size=128, micro_batch_size=8, response_length=128, lr=1e-5,
                        sample_every=20, checkpoint_every=50, bf16=True),
@@ -196,7 +198,7 @@ def load_models(cfg: Config, tokenizer, run, value_path: str):
         return set_attention(disable_dropout(loader(path, **kw)), run.device, cfg.bf16)  # CPU bf16: eager attention
 
     policy = run.prepare(load(load_causal_lm, cfg.sft_path).train())
-    # with LoRA the reference is the policy with its adapters off (reference_logits): no second copy of the weights
+    # with LoRA the reference is the policy with its adapters off (rollout, step 2): no second copy of the weights
     ref_policy = None if cfg.lora_rank else run.prepare(load(load_causal_lm, cfg.sft_path), frozen=True)
     value_model = None
     if cfg.reward == "rm":
@@ -208,15 +210,6 @@ def load_models(cfg: Config, tokenizer, run, value_path: str):
         value_model = load(load_scalar_model, value_path, pad_token_id=tokenizer.pad_token_id, head_seed=cfg.seed)
         value_model = run.prepare(value_model.train(), trained=["score"])  # LoRA: its own adapters, a full head
     return policy, ref_policy, value_model, reward
-
-
-def reference_logits(policy, ref_policy, ids, mask, n_response: int) -> torch.Tensor:
-    """The frozen reference's logits on the response positions: its own copy of the SFT model, or (--lora-rank)
-    the policy with its adapters off, which computes the SFT model's outputs exactly (lora.adapters_off)."""
-    if ref_policy is not None:
-        return response_logits(ref_policy, ids, mask, n_response)
-    with adapters_off(policy):
-        return response_logits(policy, ids, mask, n_response)
 
 
 def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
@@ -276,9 +269,11 @@ def rollout(policy, ref_policy, value_model, reward, queries: list[list[int]], s
             ids, mask = torch.cat([q, gen.tokens], 1), torch.cat([qm, gen.mask], 1)  # (b, Q + R)
             R = gen.tokens.shape[1]
             # the reference on the same temperature-scaled logits as the sampler: else the first KL would not be 0,
-            # and it would measure the distance to another policy (N+ details, TRL)
-            ref_logprobs = logprobs_from_logits(reference_logits(policy, ref_policy, ids, mask, R), gen.tokens,
-                                                cfg.temperature)
+            # and it would measure the distance to another policy (N+ details, TRL). --lora-rank: the reference is
+            # the policy with its adapters off, the SFT model's outputs exactly (lora.adapters_off), no second copy
+            with adapters_off(policy) if ref_policy is None else nullcontext():
+                ref_logits = response_logits(policy if ref_policy is None else ref_policy, ids, mask, R)
+            ref_logprobs = logprobs_from_logits(ref_logits, gen.tokens, cfg.temperature)
             per_token = {"response_mask": gen.mask, "logprobs": gen.logprobs, "ref_logprobs": ref_logprobs * gen.mask}
             if value_model is not None:
                 per_token["values"] = response_values(value_model, ids, mask, R) * gen.mask
@@ -441,9 +436,8 @@ def main(cfg: Config) -> dict:
     # 1. models, optimizers, the KL controller; resumed from the checkpoint if there is one
     policy, ref_policy, value_model, reward = load_models(cfg, tokenizer, run, value_path)
     lrs = {"policy": cfg.lr, "value": cfg.lr if cfg.value_lr < 0 else cfg.value_lr}
-    optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lrs[name],
-                                          weight_decay=cfg.weight_decay, eps=1e-5)  # (LoRA: the adapters, the head)
-                  for name, m in (("policy", policy), ("value", value_model)) if m is not None}
+    optimizers = {name: torch.optim.AdamW(trained_parameters(m), lr=lrs[name], weight_decay=cfg.weight_decay, eps=1e-5)
+                  for name, m in (("policy", policy), ("value", value_model)) if m is not None}  # LoRA: adapters, head
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
               else FixedKLController(cfg.kl_coef))
     counts = {"left_out": 0}  # episodes left out so far (checkpointed with the rest)
@@ -492,11 +486,8 @@ def main(cfg: Config) -> dict:
                                            "ppo/clipfrac", "rollout/eos_rate", "rollout/response_len", "eps"))
         if trace is not None:
             trace.write(run.out_dir)
-        if (update + 1) % cfg.sample_every == 0:  # rank 0's table scores reference summaries with the RM: --fsdp
-            with run.gathered(getattr(reward, "model", None)):  # gathers its weights, for forwards on one rank only
-                if run.master:
-                    write_samples(run.out_dir / "samples.jsonl", update + 1, batch, ep_posts, tokenizer, reward,
-                                  cfg.n_samples, cfg.max_query_tokens, cfg.response_length)
+        if (update + 1) % cfg.sample_every == 0:  # rank 0's samples.jsonl rows, for a reader
+            write_samples(run, update + 1, batch, ep_posts, tokenizer, reward, cfg)
         run.checkpoint(update + 1)
 
     # final numbers and save

@@ -57,12 +57,12 @@ import torch
 from minirlaif.config import Between, Choice, NonNegative, Positive, PositiveOrAll, Rule, require
 from minirlaif.data import load_posts
 from minirlaif.losses import bradley_terry_loss
-from minirlaif.models import (check_model, disable_dropout, fold_reward_offset, load_scalar_model, load_tokenizer,
-                              set_attention)
+from minirlaif.models import (check_context, check_model, disable_dropout, fold_reward_offset, load_scalar_model,
+                              load_tokenizer, set_attention)
 from minirlaif.reward import (HUMAN_CONFIDENCE, Encoder, PairRewards, evaluate_pairs, load_ai_pairs,
                               load_human_pairs, mean_reference_reward, padding_invariance, pair_batch, pair_metrics,
                               score_pairs, split_by_id, training_labels)
-from minirlaif.run import Run, RunConfig, cli
+from minirlaif.run import Run, RunConfig, cli, trained_parameters
 from minirlaif.trace import rm_trace
 from minirlaif.utils import autocast, batch_indices, linear_lr
 
@@ -265,13 +265,9 @@ def main(cfg: Config) -> dict:
     model = load_scalar_model(cfg.sft_path, pad_token_id=pad_id, head_seed=cfg.seed)
     # dropout off: training and scoring see one function, and PPO's value model (started from it) too
     model = set_attention(disable_dropout(model).train(), run.device, cfg.bf16)
-    # on the device; --lora-rank: adapters, the head trained in full; --fsdp: sharded, the backbone one unit, because
-    # the shared-prefix pairs carry the query's keys and values into the summaries' forward (fsdp.shard_model)
+    # --lora-rank: adapters, the head in full; --fsdp: the backbone one unit (shared prefixes: fsdp.shard_model)
     model = run.prepare(model, trained=["score"], shard_blocks=False)
-    n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    require(not n_positions or cfg.max_query_tokens + cfg.max_summary_tokens <= n_positions,
-            f"--max-query-tokens + --max-summary-tokens = {cfg.max_query_tokens + cfg.max_summary_tokens} exceeds the "
-            f"model's context of {n_positions} tokens")
+    check_context(model, cfg.max_query_tokens + cfg.max_summary_tokens, "--max-query-tokens + --max-summary-tokens")
 
     # data: train / validation pairs of the chosen feedback, and the test sets every RM is scored on
     enc = Encoder(tokenizer, cfg.max_query_tokens, cfg.max_summary_tokens)
@@ -280,8 +276,8 @@ def main(cfg: Config) -> dict:
     require(len(train) >= cfg.batch_size and val, f"too few pairs: {len(train)} train (--batch-size "
             f"{cfg.batch_size}), {len(val)} validation")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * (len(train) // cfg.batch_size)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=run.device.type == "cuda")
+    optimizer = torch.optim.AdamW(trained_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.95), fused=run.device.type == "cuda")
     rewards_fn = PairRewards(model)  # each query encoded once for its two summaries: about half the compute
     best = {"loss": math.inf, "step": -1, "acc": None, "model": None}  # the lowest validation loss so far
     start = run.resume(model=model, optimizer=optimizer, best=best)
@@ -335,9 +331,8 @@ def main(cfg: Config) -> dict:
     train_time = time.time() - t0
 
     # the best validation checkpoint, shifted so that reference summaries score 0 on average
-    run.load_trained_state(model, best["model"])  # chosen on validation, reported on test (the seed chose on what it
-    # reported); then one plain model: --fsdp's shards gathered, --lora-rank's adapters folded in (and written to
-    # out_dir/adapter in PEFT's format: the rewards before the offset below, which is in the merged weights only)
+    run.load_trained_state(model, best["model"])  # chosen on validation, reported on test (the seed: on one set)
+    # one plain model: shards gathered, adapters merged (out_dir/adapter, PEFT's format: rewards before the offset)
     model = run.unwrap(model, base=cfg.sft_path).eval()
     offset_info = center_on_references(model, tokenizer, cfg, run)  # in the weights where exact, else in the config
 

@@ -32,7 +32,7 @@ from minirlaif.data import build_query, encode_completion, format_completion, lo
 from minirlaif.generation import generate_texts
 from minirlaif.models import (causal_lm_logits, check_model, fuse_gelu, grow_embeddings, load_causal_lm, load_tokenizer,
                               pad_batch, set_attention, tiny_gpt2_config, train_bpe_tokenizer)
-from minirlaif.run import Run, RunConfig, cli
+from minirlaif.run import Run, RunConfig, cli, trained_parameters
 from minirlaif.utils import autocast, batch_indices, linear_lr
 
 
@@ -217,9 +217,8 @@ def main(cfg: Config) -> dict:
     train, train_cuts = tokenize(train_posts, tokenizer, cfg)
     val, _ = tokenize(val_posts[: cfg.n_val] if cfg.n_val > 0 else val_posts, tokenizer, cfg)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * (len(train) // cfg.batch_size)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,  # (LoRA: adapters)
-                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.95),  # betas of GPT pretraining
-                                  fused=run.device.type == "cuda")
+    optimizer = torch.optim.AdamW(trained_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay,  # LoRA: adapters
+                                  betas=(0.9, 0.95), fused=run.device.type == "cuda")  # betas of GPT pretraining
     start = run.resume(model=model, optimizer=optimizer)  # the step fixes the data position and the learning rate
     run.say(f"sft: {len(train)} train / {len(val)} val examples, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
             f"M params, {total_steps} steps")

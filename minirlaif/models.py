@@ -190,6 +190,16 @@ MODEL_KINDS = {
 }
 
 
+def check_context(model, n_tokens: int, flags: str) -> None:
+    """Stop with one line naming `flags` when `n_tokens` (the longest sequence they allow) exceeds the model's
+    positions (GPT-2's n_positions, others' max_position_embeddings; a model with neither is not checked)."""
+    from minirlaif.config import require
+
+    n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    require(not n_positions or n_tokens <= n_positions,
+            f"{flags} = {n_tokens} exceeds the model's context of {n_positions} tokens")
+
+
 def check_model(path: str, kind: str, flag: str) -> None:
     """Stop with one line naming the flag, the path and the stage that makes such a model, when `path` holds no
     model or the wrong kind ("causal-lm" or "reward-model"): a mistyped path would otherwise end in transformers'

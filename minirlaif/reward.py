@@ -530,20 +530,24 @@ class LabelerReward:
 
 
 @torch.no_grad()
-def write_samples(path, update: int, batch: dict, posts, tokenizer, reward, n: int, max_query_tokens: int,
-                  max_tokens: int) -> None:
-    """Append the first `n` episodes of an RL batch to samples.jsonl: query, response, score, and the reference
-    summary's score under the same reward, for scale: to read how the policy changes over training."""
+def write_samples(run, update: int, batch: dict, posts, tokenizer, reward, cfg) -> None:
+    """Append rank 0's first `cfg.n_samples` episodes of an RL batch to run.out_dir/samples.jsonl: query, response,
+    score, and the reference summary's score under the same reward, for scale: to read how the policy changes over
+    training. Every rank calls it: under --fsdp the RM's weights are gathered on every rank (run.gathered), for
+    forwards on rank 0 alone."""
     from minirlaif.generation import decode_summary
     from minirlaif.utils import append_jsonl
 
-    rows, ref_scores = [], {}  # post id -> its reference's score (the k samples of a post: asked once)
-    for i, post in enumerate(posts[:n]):
-        query = batch["query"][i][batch["query_mask"][i].bool()].tolist()
-        response = batch["response"][i][batch["response_mask"][i].bool()].tolist()
-        if post.summary is not None and post.id not in ref_scores:
-            ref_scores[post.id] = reward.reference(post, query, max_query_tokens, max_tokens)
-        rows.append({"update": update, "id": post.id, "query": tokenizer.decode(query),
-                     "response": decode_summary(tokenizer, response), "score": batch["scores"][i].item(),
-                     "reference": post.summary, "reference_score": ref_scores.get(post.id)})
-    append_jsonl(path, rows)
+    with run.gathered(getattr(reward, "model", None)):
+        if not run.master:
+            return
+        rows, ref_scores = [], {}  # post id -> its reference's score (the k samples of a post: asked once)
+        for i, post in enumerate(posts[: cfg.n_samples]):
+            query = batch["query"][i][batch["query_mask"][i].bool()].tolist()
+            response = batch["response"][i][batch["response_mask"][i].bool()].tolist()
+            if post.summary is not None and post.id not in ref_scores:
+                ref_scores[post.id] = reward.reference(post, query, cfg.max_query_tokens, cfg.response_length)
+            rows.append({"update": update, "id": post.id, "query": tokenizer.decode(query),
+                         "response": decode_summary(tokenizer, response), "score": batch["scores"][i].item(),
+                         "reference": post.summary, "reference_score": ref_scores.get(post.id)})
+    append_jsonl(run.out_dir / "samples.jsonl", rows)

@@ -639,6 +639,12 @@ class Run:
         cleanup_dist(self.dist)
 
 
+def trained_parameters(model) -> list:
+    """The parameters an optimizer gets: those that train (every one, or under --lora-rank the adapters and any
+    head `Run.prepare` was told to train)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def plain_state_dict(model) -> dict:
     """`model`'s weights under its transformers class's own names, on every rank (every rank calls it): --fsdp's
     shards gathered, --lora-rank's adapters folded in (lora.merged_state_dict). What a vLLM engine loads."""

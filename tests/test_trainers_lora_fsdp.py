@@ -113,8 +113,10 @@ def assert_same_run(a: Path, b: Path, rel: float = 1e-4) -> None:
         if (a / f).exists() or (b / f).exists():
             wa, wb = load_file(a / f), load_file(b / f)
             assert wa.keys() == wb.keys(), f
+            # atol 1e-4: AdamW divides by sqrt(v) + eps, so where a gradient is near 0 the ranks' other summation
+            # order can move one element by up to a step of lr (measured on an AVX2 CPU: 1 of 16,384, 2.7e-5)
             for k in wa:
-                torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=f"{a.name} {f} {k}")
+                torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4, msg=f"{a.name} {f} {k}")
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
