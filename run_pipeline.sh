@@ -4,7 +4,7 @@
 #
 #   bash run_pipeline.sh [preset] [extra flags for every stage]     # preset: tiny (default), micro, smol, gpt2-large
 #
-# smol: SmolLM2-135M-Instruct as the policy (LoRA, bf16) on the tiny task, converted first into
+# smol: SmolLM2-135M-Instruct as the policy (LoRA, fp32) on the tiny task, converted first into
 # runs/models/smollm2-135m-instruct if it is not there (python -m minirlaif.smollm2; README "Quick start" installs
 # it). RLHF=0 leaves out the RLHF branch (stages 5-6), as README's SmolLM2 result does: RLHF=0 bash run_pipeline.sh smol
 #

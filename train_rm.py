@@ -331,7 +331,7 @@ def main(cfg: Config) -> dict:
     train_time = time.time() - t0
 
     # the best validation checkpoint, shifted so that reference summaries score 0 on average
-    run.load_trained_state(model, best["model"])  # chosen on validation, reported on test (the seed: on one set)
+    run.load_trained_state(model, best["model"])  # chosen on validation, reported on test (the seed chose on its test)
     # one plain model: shards gathered, adapters merged (out_dir/adapter, PEFT's format: rewards before the offset)
     model = run.unwrap(model, base=cfg.sft_path).eval()
     offset_info = center_on_references(model, tokenizer, cfg, run)  # in the weights where exact, else in the config
