@@ -5,8 +5,7 @@ One update, in main()'s numbered steps (docs/algorithms.md explains each, with t
      labeler's 1-10 rating: d-RLAIF); a value model from the RM for the estimators with a learned baseline;
   2. rollout: sample up to `response_length` tokens per query at `temperature`, stopping once every row has
      emitted EOS; old and reference log-probs (and values) on the same temperature-scaled logits;
-  3. score: the reward of query + response; `missing_eos_penalty` off a response without EOS; an episode the
-     labeler cannot rate leaves the update with its group, counted;
+  3. score: the reward of query + response, less `missing_eos_penalty` without EOS; unrated episodes leave, counted;
   4. KL rewards: per token -kl_coef * KL_t, the score added on the last valid token (the EOS itself);
   5. advantages: the `--algo` estimator (ESTIMATORS), then whitened over every valid token of the global batch;
   6. update: `ppo_epochs` passes in mini-batches of micro-batches, the clipped policy loss and vf_coef * the clipped
@@ -200,15 +199,14 @@ def load_models(cfg: Config, tokenizer, run, value_path: str):
     policy = run.prepare(load(load_causal_lm, cfg.sft_path).train())
     # with LoRA the reference is the policy with its adapters off (rollout, step 2): no second copy of the weights
     ref_policy = None if cfg.lora_rank else run.prepare(load(load_causal_lm, cfg.sft_path), frozen=True)
-    value_model = None
+    pad = tokenizer.pad_token_id  # the scalar models' padding id
     if cfg.reward == "rm":
-        rm = run.prepare(load(load_scalar_model, cfg.rm_path, pad_token_id=tokenizer.pad_token_id), frozen=True)
-        reward = RMReward(rm, tokenizer)
+        reward = RMReward(run.prepare(load(load_scalar_model, cfg.rm_path, pad_token_id=pad), frozen=True), tokenizer)
     else:  # d-RLAIF: the labeler's ratings are the reward
         reward = LabelerReward(make_labeler(cfg, cfg.seed), tokenizer)
-    if ESTIMATORS[cfg.algo].value_model:  # a new head (from a causal LM) is seeded by --seed: the same on every rank
-        value_model = load(load_scalar_model, value_path, pad_token_id=tokenizer.pad_token_id, head_seed=cfg.seed)
-        value_model = run.prepare(value_model.train(), trained=["score"])  # LoRA: its own adapters, a full head
+    # the value model: a new head (from a causal LM) is seeded by --seed, the same on every rank; LoRA: a full head
+    value_model = (run.prepare(load(load_scalar_model, value_path, pad_token_id=pad, head_seed=cfg.seed).train(),
+                               trained=["score"]) if ESTIMATORS[cfg.algo].value_model else None)
     return policy, ref_policy, value_model, reward
 
 
@@ -223,8 +221,7 @@ def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
     require(local_batch % (cfg.mini_batches * cfg.micro_batch_size) == 0, f"each rank's batch ({local_batch} of "
             f"--batch-size {cfg.batch_size}) must split into --mini-batches {cfg.mini_batches} of whole "
             f"--micro-batch-size {cfg.micro_batch_size} micro-batches")
-    require(cfg.total_episodes >= cfg.batch_size, f"--total-episodes {cfg.total_episodes} must be at least one "
-            f"--batch-size")
+    require(cfg.total_episodes >= cfg.batch_size, f"--total-episodes {cfg.total_episodes} must be >= --batch-size")
     require(cfg.lora_dropout == 0, "--lora-dropout must be 0 in PPO: dropout off everywhere keeps the first ratio at 1")
     require(cfg.reward == "rm" or cfg.labeler != "vllm" or world_size == 1,
             "--reward direct --labeler vllm runs in one process (one engine); under torchrun rate with hf or openai")
@@ -266,8 +263,7 @@ def rollout(policy, ref_policy, value_model, reward, queries: list[list[int]], s
             # mask comes from EOS positions, never from comparing ids with the pad id. Its log-probs are the old ones
             gen = engine.generate(policy, q, qm, cfg.response_length, tokenizer.eos_token_id, tokenizer.pad_token_id,
                                   cfg.temperature, seeds[i: i + chunk])
-            ids, mask = torch.cat([q, gen.tokens], 1), torch.cat([qm, gen.mask], 1)  # (b, Q + R)
-            R = gen.tokens.shape[1]
+            ids, mask, R = torch.cat([q, gen.tokens], 1), torch.cat([qm, gen.mask], 1), gen.tokens.shape[1]  # (b, Q+R)
             # the reference on the same temperature-scaled logits as the sampler: else the first KL would not be 0,
             # and it would measure the distance to another policy (N+ details, TRL). --lora-rank: the reference is
             # the policy with its adapters off, the SFT model's outputs exactly (lora.adapters_off), no second copy
@@ -311,9 +307,8 @@ def kl_rewards_and_advantages(batch: dict, kl_coef: float, k: int, cfg: Config, 
     if cfg.whiten_rewards:  # scale only: the mean reward is kept (OpenAI, TRL)
         rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=dist.all_reduce)
     raw_advantages, returns = est.advantages(rewards, batch.get("values"), mask, k, cfg)
-    advantages = raw_advantages  # returns are not whitened: the value model learns the returns' own scale
-    if est.whiten:
-        advantages = masked_whiten(raw_advantages, mask, all_reduce=dist.all_reduce)
+    # returns are not whitened: the value model learns the returns' own scale
+    advantages = masked_whiten(raw_advantages, mask, all_reduce=dist.all_reduce) if est.whiten else raw_advantages
     return {**batch, "kl": kl, "rewards": rewards, "raw_advantages": raw_advantages, "advantages": advantages,
             **({"returns": returns} if returns is not None else {})}
 
@@ -382,12 +377,11 @@ def ppo_update(policy, value_model, optimizers: dict, batch: dict, update: int, 
                     trace.record(epoch, rows, mb, logprobs, values, num_valid)
                 for key, v in stats.items():
                     sums[key] = sums.get(key, 0.0) + v
-            for model, opt in ((policy, optimizers["policy"]), (value_model, optimizers.get("value"))):
-                if model is not None:
-                    run.sync_grads(model)  # each rank's loss is normalised by global counts: the sum is the gradient
-                    run.clip_grad_norm(model, cfg.grad_clip)  # per model (TRL 0.13: none)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+            for model, opt in zip((policy, value_model), optimizers.values()):  # the policy's, the value's if any
+                run.sync_grads(model)  # each rank's loss is normalised by global counts: the sum is the gradient
+                run.clip_grad_norm(model, cfg.grad_clip)  # per model (TRL 0.13: none)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
     return sums
 
 
@@ -469,9 +463,8 @@ def main(cfg: Config) -> dict:
 
         # 6. the update; the learning rate is a function of the update index (no scheduler state to checkpoint)
         lr_scale = linear_lr(update, num_updates, 1.0)  # linear decay to 0
-        for name, opt in optimizers.items():
-            for group in opt.param_groups:
-                group["lr"] = lrs[name] * lr_scale
+        for name, opt in optimizers.items():  # one parameter group each (run.trained_parameters)
+            opt.param_groups[0]["lr"] = lrs[name] * lr_scale
         policy.train()
         sums = ppo_update(policy, value_model, optimizers, batch, update, cfg, run, trace)  # epochs x mini x micro
         t_update = time.time() - t0

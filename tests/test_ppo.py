@@ -439,7 +439,7 @@ def test_bad_algo_settings_are_refused(setup, tmp_path):
                        (["--algo", "rloo", "--samples-per-query", "3"], "--batch-size 16 must split into whole groups "
                                                                        "of --samples-per-query 3"),
                        (["--batch-size", "16", "--micro-batch-size", "5"], "--micro-batch-size 5"),
-                       (["--total-episodes", "8"], "--total-episodes 8 must be at least one --batch-size")):
+                       (["--total-episodes", "8"], "--total-episodes 8 must be >= --batch-size")):
         with pytest.raises(SystemExit, match=msg):
             train_ppo.main(parse_config(train_ppo.Config, train_ppo.PRESETS, ppo_args(setup, tmp_path / "x", *extra)))
 
