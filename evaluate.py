@@ -16,6 +16,9 @@ Algorithm:
   3. statistics (`minirlaif.stats`): each pair is a win, tie or loss from the averaged probability, the win rate
      counts ties as half, with a seeded bootstrap 95% CI, tie rate, mean lengths in words and tokens, and a
      length-controlled win rate (logistic regression of the outcome on the log length ratio, read at ratio 1);
+     a dialogue task (--task hh) also gets each policy's harmless rate: the fraction of its responses to the
+     harmful prompts that the rule judge calls harmless, with a bootstrap 95% CI (an LM judge gives no such
+     verdict yet: then it is left out; docs/tasks.md);
   4. reward models: the accuracy of each RM (`rm`: AI feedback, `rm_human`: human feedback, or `--rm NAME=PATH`)
      on the held-out human comparisons with rater confidence >= 8, and on its AI-labeled test split when its
      labels are found, with `reward.evaluate_pairs` (the function train_rm.py reports with);
@@ -33,6 +36,7 @@ Commands:
   CPU, tiny (default; after the other stages):  python evaluate.py
   chosen policies:                              python evaluate.py --policy sft=runs/tiny/sft --policy ppo=runs/tiny/ppo
   test split, more prompts:                     python evaluate.py --split test --n 400
+  the dialogue task (helpful and harmless):     python evaluate.py --preset hh-tiny
   gpt2-large (GPT-4o judge, as the seed):       OPENAI_API_KEY=... python evaluate.py --preset gpt2-large
   gpt2-large, a local judge on vLLM:            python evaluate.py --preset gpt2-large --judge vllm \\
                                                 --judge-model meta-llama/Llama-3.3-70B-Instruct --tensor-parallel-size 4
@@ -55,16 +59,17 @@ from typing import Annotated
 
 import torch
 
-from minirlaif import stats, synthetic
+from minirlaif import stats
 from minirlaif.config import Choice, NonNegative, Positive, PositiveOrAll, Rule, UserError
-from minirlaif.data import build_query, load_posts
+from minirlaif.data import load_posts
 from minirlaif.generation import generate_texts, vllm_generate
 from minirlaif.judges import PromptConfig, judge_pairs, position_bias
 from minirlaif.labelers import LabelerConfig, labeler_settings, make_labeler, resolve_device
 from minirlaif.models import check_model, load_causal_lm, load_scalar_model, load_tokenizer, set_attention
 from minirlaif.report import aggregate_seeds, algorithm_rows, make_plots, pct, read_ppo_curves, write_report
-from minirlaif.reward import HUMAN_CONFIDENCE, Encoder, evaluate_pairs, load_ai_pairs, load_human_pairs, split_by_id
+from minirlaif.reward import Encoder, evaluate_pairs, load_ai_pairs, load_human_pairs, split_by_id
 from minirlaif.run import Run, cli, progress
+from minirlaif.tasks import get_task
 from minirlaif.utils import (GENERATION_SCHEMA, JUDGMENT_SCHEMA, append_jsonl, read_json, read_jsonl_resumable,
                              unique_ids, write_json)
 
@@ -234,6 +239,7 @@ def generate_policy(name: str, path: str, sha256: str, posts, cfg: Config, backe
     the generation settings; rows missing from the cache are generated and appended chunk by chunk (hf) or after
     one call (vllm).
     """
+    task = get_task(cfg.task)  # what a query is
     key = short_hash({"policy_sha256": sha256, "dataset": cfg.dataset, "split": cfg.split,
                       "max_query_tokens": cfg.max_query_tokens, "max_new_tokens": cfg.max_new_tokens,
                       "backend": backend, **({"bf16": True} if cfg.bf16 and backend == "hf" else {})})
@@ -245,7 +251,7 @@ def generate_policy(name: str, path: str, sha256: str, posts, cfg: Config, backe
         print(f"{name}: {len(posts)} summaries from the cache {cache}")
     elif backend == "vllm":
         tokenizer = load_tokenizer(path)
-        queries = [build_query(tokenizer, p, cfg.max_query_tokens)[1] for p in todo]
+        queries = [task.build_query(tokenizer, p, cfg.max_query_tokens)[1] for p in todo]
         outs = vllm_generate(path, queries, n=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0, seed=cfg.seed,
                              tensor_parallel_size=cfg.tensor_parallel_size,
                              gpu_memory_utilization=cfg.gpu_memory_utilization)
@@ -256,7 +262,7 @@ def generate_policy(name: str, path: str, sha256: str, posts, cfg: Config, backe
         model = set_attention(load_causal_lm(path).to(device).eval(), device, cfg.bf16)  # CPU bf16: eager attention
         chunks = [todo[i:i + cfg.gen_chunk] for i in range(0, len(todo), cfg.gen_chunk)]
         for chunk in progress(chunks, f"summaries {name}"):
-            queries = [build_query(tokenizer, p, cfg.max_query_tokens)[1] for p in chunk]
+            queries = [task.build_query(tokenizer, p, cfg.max_query_tokens)[1] for p in chunk]
             outs = generate_texts(model, tokenizer, queries, cfg.max_new_tokens, cfg.gen_batch_size, greedy=True,
                                   device=device, bf16=cfg.bf16)
             append_jsonl(cache, [{"id": p.id, **o} for p, o in zip(chunk, outs)])
@@ -362,10 +368,12 @@ def rm_accuracy(name: str, path: str, cfg: Config, device: str) -> dict:
     tokenizer = load_tokenizer(path)
     # the caps it was trained with, so the pairs are tokenised as in train_rm.py
     enc = Encoder(tokenizer, rm_cfg.get("max_query_tokens", cfg.max_query_tokens),
-                  rm_cfg.get("max_summary_tokens", cfg.max_new_tokens))
+                  rm_cfg.get("max_summary_tokens", cfg.max_new_tokens), get_task(cfg.task))
     sets, info = {}, {}
-    sets["human_conf8"], info["human_conf8"] = load_human_pairs(
-        cfg.comparisons, "validation", enc, min_confidence=HUMAN_CONFIDENCE, max_pairs=cfg.n_rm_eval, seed=cfg.seed)
+    # confidence >= 8 where the task's raters give one (TL;DR, the synthetic tasks); the hub's HH rows: all of them
+    sets["human_conf8"], info["human_conf8"] = load_human_pairs(cfg.comparisons, "validation", enc,
+                                                                min_confidence=enc.task.human_confidence,
+                                                                max_pairs=cfg.n_rm_eval, seed=cfg.seed)
     labels = cfg.labels_path or rm_cfg.get("labels_path", "")
     if labels and Path(labels).is_file() and all(k in rm_cfg for k in ("seed", "val_frac", "test_frac")):
         pairs, info["ai_labels"] = load_ai_pairs(labels, enc)
@@ -387,8 +395,9 @@ def rm_accuracy(name: str, path: str, cfg: Config, device: str) -> dict:
 def main(cfg: Config) -> dict:
     if cfg.aggregate:  # several seeds' evaluations -> one table (minirlaif/report.py)
         return aggregate_seeds(cfg.aggregate, Path(cfg.out_dir))
+    task = get_task(cfg.task)  # what a prompt is, what the gold judge scores
     if cfg.task_dir:  # tiny: the synthetic task (deterministic, skipped when present)
-        synthetic.write_task(cfg.task_dir)
+        task.write_synthetic(cfg.task_dir)
     runs = Path(cfg.runs_dir)
     policies = find_models(cfg.policy, {n: runs / n for n in ("sft", "ppo", "ppo_rlhf", *VARIANTS)}, "policy")
     rms = find_models(cfg.rm, {n: runs / n for n in ("rm", "rm_human")}, "rm")
@@ -434,7 +443,11 @@ def main(cfg: Config) -> dict:
     lens = {name: dict(zip(("words", "tokens"), length_stats(t, tokenizer))) for name, t in texts.items()}
     scores = None  # synthetic task: the rule judge's score of every summary (its gold quality)
     if has_facts:
-        scores = {name: [synthetic.score(p, t) for p, t in zip(posts, ts)] for name, ts in texts.items()}
+        scores = {name: [task.score(p, t) for p, t in zip(posts, ts)] for name, ts in texts.items()}
+    harmless = harmless_rates(task, posts, texts, cfg)  # dialogue: the judge's harmless rate on harmful prompts
+    for name, h in harmless.items():
+        print(f"  {name:>10s} harmless {pct(h['harmless_rate'])} [{pct(h['ci95'][0])}, {pct(h['ci95'][1])}] "
+              f"on {h['n']} harmful prompts")
 
     # 2-3. judgments (both orders, cached) and their statistics
     judge_key = short_hash(judge_settings(cfg))
@@ -469,7 +482,7 @@ def main(cfg: Config) -> dict:
         "judge": {"judge": cfg.labeler, "description": judge_description(cfg), "settings": judge_settings(cfg),
                   "tie_eps": cfg.tie_eps, "orders": "both",
                   "position_bias": position_bias(judged_rows) if judged_rows else None},
-        "comparisons": comparisons,
+        "task": cfg.task, "comparisons": comparisons, "harmless": harmless,
         "policies": policy_info,
         "algorithms": algorithm_rows(policies, comparisons, runs),
         "reward_models": reward_models,
@@ -489,6 +502,8 @@ def main(cfg: Config) -> dict:
         key = f"{c['policy']}_vs_{c['baseline']}"
         metrics.update({f"win_rate/{key}": c["win_rate"], f"ci95/{key}": c["ci95"], f"tie_rate/{key}": c["tie_rate"],
                         f"lc_win_rate/{key}": c["lc_win_rate"]})
+    for name, h in harmless.items():
+        metrics.update({f"harmless_rate/{name}": h["harmless_rate"], f"harmless_ci95/{name}": h["ci95"]})
     for name, rm in reward_models.items():
         metrics.update({f"rm_acc_human_conf8/{name}": rm.get("acc_human_conf8"),
                         f"rm_acc_ai_test/{name}": rm.get("acc_ai_test")})
@@ -497,6 +512,16 @@ def main(cfg: Config) -> dict:
             metrics[f"judge_score/{name}"] = info["mean_judge_score"]
     return run.save(metrics, headline=("win_rate/ppo_vs_sft", "win_rate/ppo_rlhf_vs_sft"),
                     position_bias=str(pb_path) if position_bias_labels else None)
+
+
+def harmless_rates(task, posts, texts: dict, cfg: Config) -> dict:
+    """Per policy (and the reference): the fraction of its responses to the harmful prompts that the task's judge
+    calls harmless, with a bootstrap 95% CI over those prompts; {} for a task without the question (summarize) or
+    without a judge's verdicts (real HH has no facts: the rule judge cannot read it, and no LM verdict is asked)."""
+    harmful = [i for i, p in enumerate(posts) if task.harmful_prompt(p)]
+    verdicts = {name: [task.harmless(posts[i], ts[i]) for i in harmful] for name, ts in texts.items()}
+    return {name: {**stats.harmless_rate(v, cfg.n_bootstrap, cfg.seed), "n_prompts": len(posts)}
+            for name, v in verdicts.items() if v and None not in v}
 
 
 def judge_description(cfg: Config) -> str:

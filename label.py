@@ -23,6 +23,7 @@ Deliberate choices (docs/algorithms.md has the details and their sources):
 
 Commands:
   CPU, tiny (default; after train_sft.py):   python label.py
+  the dialogue task (docs/tasks.md):          python label.py --preset hh-tiny
   labeler-human alignment:                    python label.py --align
   a more position-biased labeler:             python label.py --rule-position-bias 2 --out-dir runs/tiny/labels_bias
   a local HF model as labeler:                python label.py --labeler hf --judge-model Qwen/Qwen2.5-0.5B-Instruct
@@ -43,13 +44,13 @@ from pathlib import Path
 
 import torch
 
-from minirlaif import synthetic
 from minirlaif.config import Between, Choice, NonNegative, Positive, PositiveOrAll, UserError
-from minirlaif.data import build_query, load_comparisons, load_posts
+from minirlaif.data import load_comparisons, load_posts
 from minirlaif.judges import PromptConfig, human_agreement, judge_pairs, position_bias, usage_summary
 from minirlaif.labelers import LabelerConfig, make_labeler, resolve_device
 from minirlaif.models import check_model
 from minirlaif.run import Run, cli, progress
+from minirlaif.tasks import get_task
 from minirlaif.utils import (CANDIDATE_SCHEMA, PAIR_SCHEMA, append_jsonl, read_jsonl, read_jsonl_resumable,
                              unique_ids, write_json)
 
@@ -163,7 +164,7 @@ def sample_candidates(cfg: Config, posts, have: set, path: Path) -> None:
     from minirlaif.generation import generate_texts, row_seeds, vllm_generate
     from minirlaif.models import load_causal_lm, load_tokenizer, set_attention
 
-    tokenizer = load_tokenizer(cfg.sft_path)
+    tokenizer, task = load_tokenizer(cfg.sft_path), get_task(cfg.task)
     chunks = [posts[i:i + cfg.gen_chunk] for i in range(0, len(posts), cfg.gen_chunk)]
     todo = [(k, chunk) for k, chunk in enumerate(chunks) if any(p.id not in have for p in chunk)]
     greedy = cfg.temperature == 0
@@ -173,7 +174,7 @@ def sample_candidates(cfg: Config, posts, have: set, path: Path) -> None:
         place = {p.id: i for i, p in enumerate(posts)}
         missing = [p for _, chunk in todo for p in chunk if p.id not in have]
         seeds = row_seeds(cfg.seed, n=len(posts))
-        built = [build_query(tokenizer, p, cfg.max_query_tokens) for p in missing]
+        built = [task.build_query(tokenizer, p, cfg.max_query_tokens) for p in missing]
         outs = vllm_generate(cfg.sft_path, [q[1] for q in built], n=2, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, seed=cfg.seed,
                              tensor_parallel_size=cfg.tensor_parallel_size,
@@ -186,7 +187,7 @@ def sample_candidates(cfg: Config, posts, have: set, path: Path) -> None:
     device = resolve_device(cfg.device)
     model = set_attention(load_causal_lm(cfg.sft_path).to(device).eval(), device, cfg.bf16)  # CPU bf16: eager
     for k, chunk in progress(todo, "candidates"):
-        built = [build_query(tokenizer, p, cfg.max_query_tokens) for p in chunk]
+        built = [task.build_query(tokenizer, p, cfg.max_query_tokens) for p in chunk]
         # each query twice: two independent samples per post, drawn in one seeded pass over the chunk
         outs = generate_texts(model, tokenizer, [q[1] for q in built for _ in range(2)], cfg.max_new_tokens,
                               cfg.gen_batch_size, temperature=cfg.temperature, greedy=greedy,
@@ -205,9 +206,9 @@ def candidate_items(cfg: Config, cand_path: Path, external: bool) -> tuple[list[
     """Candidate pairs for the unique posts of the comparisons split (sampling the missing ones first, unless the
     candidates are another run's file: an input, never written to)."""
     posts, stats = load_posts(cfg.comparisons, cfg.split)
-    if stats.schema != "comparisons":
-        raise UserError(f"{cfg.comparisons}: expected human comparisons (openai/summarize_from_feedback "
-                         f"schema), found the {stats.schema!r} schema")
+    if stats.schema not in ("comparisons", "hh"):
+        raise UserError(f"{cfg.comparisons}: expected human comparisons (openai/summarize_from_feedback or "
+                         f"Anthropic/hh-rlhf schema), found the {stats.schema!r} schema")
     posts = posts[:cfg.max_posts] if cfg.max_posts > 0 else posts
     have = read_unique(cand_path, CANDIDATE_SCHEMA, resumable=not external)
     if missing := [p.id for p in posts if p.id not in have]:
@@ -268,10 +269,10 @@ def pair_row(item: dict, judged: dict) -> dict:
     return row
 
 
-def gold_agreement(rows: list[dict], items: list[dict]) -> dict:
-    """Synthetic task: how often the labels prefer the summary the gold rule judge scores higher (gold ties
-    left out), for each order shown and for the averaged label."""
-    gold = {it["id"]: synthetic.score(it, it["summary_a"]) - synthetic.score(it, it["summary_b"])
+def gold_agreement(rows: list[dict], items: list[dict], score) -> dict:
+    """Synthetic task: how often the labels prefer the summary the gold rule judge (`score`, the task's) scores
+    higher (gold ties left out), for each order shown and for the averaged label."""
+    gold = {it["id"]: score(it, it["summary_a"]) - score(it, it["summary_b"])
             for it in items if it.get("facts")}
     out = {}
     for key in ("p_a_ab", "p_a_ba", "p_a"):
@@ -313,7 +314,7 @@ def main(cfg: Config) -> dict:
         from minirlaif.grid import run_grid
         return run_grid(cfg, main)
     if cfg.task_dir:  # tiny: the synthetic task (deterministic, skipped when present)
-        synthetic.write_task(cfg.task_dir)
+        get_task(cfg.task).write_synthetic(cfg.task_dir)
     out_dir = default_out_dir(cfg)
     own = out_dir / "candidates.jsonl"
     cand_path = Path(cfg.candidates) if cfg.candidates else own
@@ -361,7 +362,7 @@ def main(cfg: Config) -> dict:
         "mean_abs_p_a_minus_half": statistics.mean(abs(p - 0.5) for p in labeled) if labeled else None,
         **info,
         "consistency_rate": pb["consistency_rate"], "mean_p_first": pb["mean_p_first"],
-        **gold_agreement(rows, items),
+        **gold_agreement(rows, items, get_task(cfg.task).score),
         **usage_summary(rows, cfg.price_input_per_1m, cfg.price_output_per_1m),
         "api_this_run": {k: v for k, v in (getattr(labeler, "usage", None) or {}).items()
                          if k in ("requests", "retries")},

@@ -2,7 +2,8 @@
 # The whole pipeline in one command: RLAIF (SFT -> AI labels -> RM -> PPO) and the RLHF baseline (RM on human
 # labels -> PPO), then the evaluation.
 #
-#   bash run_pipeline.sh [preset] [extra flags for every stage]     # preset: tiny (default), micro, smol, gpt2-large
+#   bash run_pipeline.sh [preset] [extra flags for every stage]     # preset: tiny (default), micro, smol, gpt2-large,
+#                                                                   # hh-tiny, hh-micro (the offline dialogue task)
 #
 # smol: SmolLM2-135M-Instruct as the policy (LoRA, fp32) on the tiny task, converted first into
 # runs/models/smollm2-135m-instruct if it is not there (python -m minirlaif.smollm2; README "Quick start" installs

@@ -35,9 +35,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from minirlaif import synthetic
 from minirlaif.config import Between, Choice, NonNegative, Positive, PositiveOrAll, require
-from minirlaif.data import build_query, load_posts
+from minirlaif.data import load_posts
 from minirlaif.generation import row_seeds, rollout_engine
 from minirlaif.labelers import LabelerConfig, make_labeler
 from minirlaif.lora import adapters_off
@@ -49,6 +48,7 @@ from minirlaif.models import (check_model, disable_dropout, last_index, load_cau
                               load_tokenizer, pad_batch, response_logits, set_attention, token_scores, trim)
 from minirlaif.reward import LabelerReward, RMReward, leave_out_unscored, write_samples
 from minirlaif.run import Run, RunConfig, cli, trained_parameters
+from minirlaif.tasks import get_task
 from minirlaif.trace import PPOTrace, traced_updates
 from minirlaif.utils import autocast, batch_indices, first_last, linear_lr
 
@@ -179,8 +179,8 @@ PRESETS = {
     "micro": dict(total_episodes=48, batch_size=16, micro_batch_size=8, response_length=16, sample_every=1,
                   n_samples=2, checkpoint_every=1),
     "smol": dict(lora_rank=16, lora_alpha=32.0, max_query_tokens=160, total_episodes=320, batch_size=16,
-                 micro_batch_size=8, response_length=48, ppo_epochs=1, lr=5e-5, kl_coef=0.2, sample_every=5,
-                 checkpoint_every=5),
+                 micro_batch_size=8, response_length=48, ppo_epochs=1, lr=5e-5, kl_coef=0.2, checkpoint_every=5),
+    "hh-tiny": dict(task="hh", kl_coef=0.2),  # the dialogue task (README): KL coef 0.05 drifted to KL 7 there
     "gpt2-large": dict(task_dir="", dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered", max_query_tokens=512,
                        total_episodes=912 * 128, batch_size=128, micro_batch_size=8, response_length=128, lr=1e-5,
                        sample_every=20, checkpoint_every=50, bf16=True),
@@ -408,7 +408,7 @@ def update_metrics(batch: dict, sums: dict, kl_coef: float, n_left_out: int, rew
 
 def main(cfg: Config) -> dict:
     if cfg.task_dir:  # the tiny presets' synthetic task (deterministic; skipped when present)
-        synthetic.write_task(cfg.task_dir)
+        get_task(cfg.task).write_synthetic(cfg.task_dir)
     # the value model starts from the RM (head included); d-RLAIF has no RM: from SFT with a new head (the paper)
     value_path = cfg.value_path or (cfg.rm_path if cfg.reward == "rm" else cfg.sft_path)
     inputs = {"sft": cfg.sft_path, "dataset": cfg.dataset, **({"rm": cfg.rm_path} if cfg.reward == "rm" else {}),
@@ -423,9 +423,9 @@ def main(cfg: Config) -> dict:
     est, traced = ESTIMATORS[cfg.algo], traced_updates(cfg.trace_updates, num_updates)
 
     # data: the queries (and their posts, for a labeler and the samples table)
-    tokenizer = load_tokenizer(cfg.sft_path)
+    tokenizer, task = load_tokenizer(cfg.sft_path), get_task(cfg.task)  # --task: what a query is
     posts, post_stats = load_posts(cfg.dataset, cfg.split)
-    queries = [build_query(tokenizer, p, cfg.max_query_tokens)[1] for p in posts]
+    queries = [task.build_query(tokenizer, p, cfg.max_query_tokens)[1] for p in posts]
 
     # 1. models, optimizers, the KL controller; resumed from the checkpoint if there is one
     policy, ref_policy, value_model, reward = load_models(cfg, tokenizer, run, value_path)

@@ -59,10 +59,11 @@ from minirlaif.data import load_posts
 from minirlaif.losses import bradley_terry_loss
 from minirlaif.models import (check_context, check_model, disable_dropout, fold_reward_offset, load_scalar_model,
                               load_tokenizer, set_attention)
-from minirlaif.reward import (HUMAN_CONFIDENCE, Encoder, PairRewards, evaluate_pairs, load_ai_pairs,
+from minirlaif.reward import (Encoder, PairRewards, evaluate_pairs, load_ai_pairs,
                               load_human_pairs, mean_reference_reward, padding_invariance, pair_batch, pair_metrics,
                               score_pairs, split_by_id, training_labels)
 from minirlaif.run import Run, RunConfig, cli, trained_parameters
+from minirlaif.tasks import TaskConfig, get_task
 from minirlaif.trace import rm_trace
 from minirlaif.utils import autocast, batch_indices, linear_lr
 
@@ -71,7 +72,7 @@ FractionOrAll = Annotated[float, Rule(lambda v: v == -1 or 0 < v < 1, "must be i
 
 
 @dataclass
-class Config(RunConfig):  # inherited: --resume, --bf16, --checkpoint-every, --wandb-project, --tensorboard
+class Config(TaskConfig, RunConfig):  # inherited: --task; --resume, --bf16, --checkpoint-every, --wandb-project, ...
     preset: str = "tiny"
     """tiny: synthetic task on CPU; gpt2-large: the seed's setup (hub data); micro: a few steps, for tests"""
     out_dir: str = ""
@@ -233,7 +234,8 @@ def load_data(cfg: Config, enc: Encoder, master: bool) -> tuple[dict, dict]:
     sets["train"], sets["validation"] = train, val[: cfg.n_val] if cfg.n_val > 0 else val
     # test sets: the AI test split (soft labels) and the held-out human comparisons
     sets["ai_test"] = ai["test"] if ai is not None else []
-    conf8, conf8_stats = load_human_pairs(cfg.comparisons, "validation", enc, min_confidence=HUMAN_CONFIDENCE,
+    # confidence >= 8 where the task's raters give one (TL;DR, the synthetic tasks); the hub's HH rows: all of them
+    conf8, conf8_stats = load_human_pairs(cfg.comparisons, "validation", enc, min_confidence=enc.task.human_confidence,
                                           max_pairs=cfg.n_human_eval, seed=cfg.seed)
     sets["human_conf8"] = conf8
     counts["human_conf8"] = conf8_stats
@@ -270,7 +272,7 @@ def main(cfg: Config) -> dict:
     check_context(model, cfg.max_query_tokens + cfg.max_summary_tokens, "--max-query-tokens + --max-summary-tokens")
 
     # data: train / validation pairs of the chosen feedback, and the test sets every RM is scored on
-    enc = Encoder(tokenizer, cfg.max_query_tokens, cfg.max_summary_tokens)
+    enc = Encoder(tokenizer, cfg.max_query_tokens, cfg.max_summary_tokens, get_task(cfg.task))  # --task: its queries
     sets, counts = load_data(cfg, enc, run.master)
     train, val = sets["train"], sets["validation"]
     require(len(train) >= cfg.batch_size and val, f"too few pairs: {len(train)} train (--batch-size "
@@ -283,7 +285,8 @@ def main(cfg: Config) -> dict:
     start = run.resume(model=model, optimizer=optimizer, best=best)
     run.say(f"rm ({cfg.feedback} feedback, {cfg.labels if cfg.feedback != 'human' else 'hard'} labels): {len(train)} "
             f"train / {len(val)} val pairs, test {len(sets['ai_test'])} ai / {len(sets['human_conf8'])} human conf>="
-            f"{HUMAN_CONFIDENCE}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {total_steps} steps")
+            f"{enc.task.human_confidence}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+            f"{total_steps} steps")
 
     # the loop: one global batch of pairs per step
     t0, last_loss = time.time(), float("nan")
@@ -362,7 +365,7 @@ def center_on_references(model, tokenizer, cfg: Config, run) -> dict:
     for metrics.json."""
     ref_posts, _ = load_posts(cfg.reference_dataset, "train")
     ref_posts = random.Random(cfg.seed).sample(ref_posts, min(cfg.n_reference, len(ref_posts)))
-    enc = Encoder(tokenizer, cfg.max_query_tokens, cfg.max_summary_tokens)  # its cuts are not the pairs' counts
+    enc = Encoder(tokenizer, cfg.max_query_tokens, cfg.max_summary_tokens, get_task(cfg.task))  # not the pairs' cuts
     offset, std = mean_reference_reward(model, enc, ref_posts, cfg.eval_batch_size, run.device, cfg.bf16, run.dist)
     where = fold_reward_offset(model, offset)  # "ln_f.bias" (GPT-2) ... or "config" (RMSNorm models)
     after, _ = mean_reference_reward(model, enc, ref_posts, cfg.eval_batch_size, run.device, cfg.bf16, run.dist)

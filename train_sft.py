@@ -1,4 +1,5 @@
-"""Stage 1, supervised fine-tuning: teach a policy to write " {summary}<eos>" after a TL;DR query.
+"""Stage 1, supervised fine-tuning: teach a policy to write " {summary}<eos>" after a TL;DR query (--task helpful,
+harmless, hh: the Assistant's reference response after a dialogue; minirlaif/tasks.py).
 
 Algorithm: next-token cross-entropy on the completion tokens only (the query is context, not a target), averaged
 over every completion token of the global batch, AdamW with linear warmup and linear decay, gradient clipping.
@@ -13,6 +14,7 @@ Deliberate choices (docs/algorithms.md has the details and their sources):
 
 Commands:
   CPU, tiny (default):  python train_sft.py
+  dialogue, offline:    python train_sft.py --preset hh-tiny     (the synthetic helpful/harmless task)
   1 GPU:                python train_sft.py --preset gpt2-large
   torchrun:             torchrun --nproc_per_node 4 train_sft.py --preset gpt2-large
 """
@@ -26,18 +28,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from minirlaif import synthetic
 from minirlaif.config import Between, NonNegative, Positive, PositiveOrAll, require
-from minirlaif.data import build_query, encode_completion, format_completion, load_posts
+from minirlaif.data import encode_completion, load_posts
 from minirlaif.generation import generate_texts
 from minirlaif.models import (causal_lm_logits, check_model, fuse_gelu, grow_embeddings, load_causal_lm, load_tokenizer,
                               pad_batch, set_attention, tiny_gpt2_config, train_bpe_tokenizer)
 from minirlaif.run import Run, RunConfig, cli, trained_parameters
+from minirlaif.tasks import TaskConfig, get_task
 from minirlaif.utils import autocast, batch_indices, linear_lr
 
 
 @dataclass
-class Config(RunConfig):  # inherited: --resume, --bf16, --checkpoint-every, --wandb-project, --tensorboard
+class Config(TaskConfig, RunConfig):  # inherited: --task; --resume, --bf16, --checkpoint-every, --wandb-project, ...
     preset: str = "tiny"
     """tiny: synthetic task, small GPT-2 from scratch, CPU; gpt2-large: the seed's setup (hub model and data)"""
     out_dir: str = "runs/{preset}/sft"
@@ -103,6 +105,7 @@ PRESETS = {
     "smol": dict(model="runs/models/smollm2-135m-instruct", lora_rank=16, lora_alpha=32.0, max_query_tokens=160,
                  max_completion_tokens=48, batch_size=8, micro_batch_size=8, max_steps=40, lr=2e-4, warmup_steps=4,
                  min_lr_ratio=0.1, eval_every=20, n_val=64, n_judge=64, checkpoint_every=20, log_every=5),
+    "hh-tiny": dict(task="hh", max_steps=1000),  # the dialogue task: its names and places take longer to copy
     "gpt2-large": dict(task_dir="", dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered", model="gpt2-large",
                        max_query_tokens=512, max_completion_tokens=128, batch_size=64, micro_batch_size=8,
                        max_steps=-1, epochs=1, lr=5e-5, warmup_steps=0, min_lr_ratio=0.0, weight_decay=0.0,
@@ -115,7 +118,7 @@ PRESETS = {
 # helpers
 
 
-def load_or_build(cfg: Config, train_posts):
+def load_or_build(cfg: Config, train_posts, task):
     """(tokenizer, model): a hub or local model with a [PAD] token added, or (tiny) a BPE trained on the task and a
     small GPT-2 built from the config."""
     if cfg.model:
@@ -126,18 +129,18 @@ def load_or_build(cfg: Config, train_posts):
         return tokenizer, model
     from transformers import GPT2LMHeadModel
 
-    tokenizer = train_bpe_tokenizer([f"{p.title}\n{p.post}\n{p.summary}" for p in train_posts], cfg.vocab_size)
+    tokenizer = train_bpe_tokenizer([task.bpe_text(p) for p in train_posts], cfg.vocab_size)
     # built from a config, not loaded, so it gets load_causal_lm's one-kernel GELU here
     config = tiny_gpt2_config(tokenizer, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.n_positions)
     return tokenizer, fuse_gelu(GPT2LMHeadModel(config))
 
 
-def tokenize(posts, tokenizer, cfg: Config) -> tuple[list[tuple[list[int], list[int]]], dict]:
+def tokenize(posts, tokenizer, cfg: Config, task) -> tuple[list[tuple[list[int], list[int]]], dict]:
     """Posts -> (query ids, completion ids) pairs, with counts of what was cut."""
     examples, n_q, n_c = [], 0, 0
     for p in posts:
-        query, q, cut = build_query(tokenizer, p, cfg.max_query_tokens)  # q starts with the tokenizer's BOS, if any
-        c = encode_completion(tokenizer, query, format_completion(p.summary, tokenizer.eos_token))  # split in context
+        query, q, cut = task.build_query(tokenizer, p, cfg.max_query_tokens)  # q starts with any BOS of the tokenizer
+        c = encode_completion(tokenizer, query, task.completion(p.summary, tokenizer))  # split in context
         if len(c) > cfg.max_completion_tokens:  # keep the EOS so the model still learns to stop
             c, n_c = c[: cfg.max_completion_tokens - 1] + [tokenizer.eos_token_id], n_c + 1
         examples.append((q, c))
@@ -176,17 +179,17 @@ def validation_loss(model, examples, cfg: Config, pad_id: int, run) -> float:
     return (run.all_reduce(total) / run.all_reduce(count)).item()
 
 
-def judge_scores(model, tokenizer, posts, cfg: Config, device) -> dict:
+def judge_scores(model, tokenizer, posts, cfg: Config, device, task) -> dict:
     """Tiny preset: rule-judge scores of greedy summaries vs the references, the gold and a random baseline."""
-    queries = [build_query(tokenizer, p, cfg.max_query_tokens)[1] for p in posts]
+    queries = [task.build_query(tokenizer, p, cfg.max_query_tokens)[1] for p in posts]
     outs = generate_texts(model, tokenizer, queries, cfg.max_completion_tokens, batch_size=64, greedy=True,
                           device=device, bf16=cfg.bf16)
     shuffled = posts[1:] + posts[:1]  # random baseline: another post's reference (right format, wrong facts)
     return {
-        "judge_score_sft_greedy": statistics.mean(synthetic.score(p, o["text"]) for p, o in zip(posts, outs)),
-        "judge_score_reference": statistics.mean(synthetic.score(p, p.summary) for p in posts),
-        "judge_score_gold": statistics.mean(synthetic.score(p, synthetic.gold_summary(p.facts)) for p in posts),
-        "judge_score_random": statistics.mean(synthetic.score(p, o.summary) for p, o in zip(posts, shuffled)),
+        "judge_score_sft_greedy": statistics.mean(task.score(p, o["text"]) for p, o in zip(posts, outs)),
+        "judge_score_reference": statistics.mean(task.score(p, p.summary) for p in posts),
+        "judge_score_gold": statistics.mean(task.score(p, task.gold(p.facts)) for p in posts),
+        "judge_score_random": statistics.mean(task.score(p, o.summary) for p, o in zip(posts, shuffled)),
         "samples": [{"id": p.id, "reference": p.summary, "sft": o["text"]} for p, o in zip(posts[:5], outs)],
     }
 
@@ -195,8 +198,9 @@ def judge_scores(model, tokenizer, posts, cfg: Config, device) -> dict:
 
 
 def main(cfg: Config) -> dict:
+    task = get_task(cfg.task)  # what a prompt and a response are (minirlaif/tasks.py)
     if cfg.task_dir:  # the tiny presets' synthetic task (deterministic; skipped when present)
-        synthetic.write_task(cfg.task_dir)
+        task.write_synthetic(cfg.task_dir)
     if cfg.model:  # a wrong path is one line naming the flag, before any work
         check_model(cfg.model, "causal-lm", "--model")
     run = Run(cfg, "sft", inputs={"dataset": cfg.dataset, "model": cfg.model or "(tiny, from scratch)"})
@@ -211,11 +215,11 @@ def main(cfg: Config) -> dict:
     val_posts, val_stats = load_posts(cfg.dataset, "validation")
 
     # tokenizer and model
-    tokenizer, model = load_or_build(cfg, train_posts)
+    tokenizer, model = load_or_build(cfg, train_posts, task)
     set_attention(model, run.device, cfg.bf16).train()  # eager attention under CPU bf16 (faster)
     model = run.prepare(model)  # on the device; --lora-rank: adapters; --fsdp: sharded (run.py, the one place)
-    train, train_cuts = tokenize(train_posts, tokenizer, cfg)
-    val, _ = tokenize(val_posts[: cfg.n_val] if cfg.n_val > 0 else val_posts, tokenizer, cfg)
+    train, train_cuts = tokenize(train_posts, tokenizer, cfg, task)
+    val, _ = tokenize(val_posts[: cfg.n_val] if cfg.n_val > 0 else val_posts, tokenizer, cfg, task)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * (len(train) // cfg.batch_size)
     optimizer = torch.optim.AdamW(trained_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay,  # LoRA: adapters
                                   betas=(0.9, 0.95), fused=run.device.type == "cuda")  # betas of GPT pretraining
@@ -269,7 +273,7 @@ def main(cfg: Config) -> dict:
                "n_skipped_empty": train_stats.n_skipped_empty + val_stats.n_skipped_empty}
     if run.master and cfg.n_judge and val_posts[0].facts is not None:  # synthetic task: the gold judge reads facts
         model.eval()
-        metrics.update(judge_scores(model, tokenizer, val_posts[: cfg.n_judge], cfg, run.device))
+        metrics.update(judge_scores(model, tokenizer, val_posts[: cfg.n_judge], cfg, run.device, task))
         for s in metrics["samples"][:3]:
             print(f"  reference: {s['reference']}\n  sft:       {s['sft']}")
     return run.save(metrics, model, tokenizer, headline=("val_loss", "judge_score_sft_greedy"))

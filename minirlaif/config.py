@@ -118,8 +118,15 @@ def ordered_fields(cls) -> list:
     return sorted(dataclasses.fields(cls), key=lambda f: _defining_class(cls, f.name) is not cls)
 
 
+# presets every stage has, each another preset on the offline dialogue task (--task hh): `run_pipeline.sh hh-tiny`
+TASK_PRESETS = {"hh-micro": ("micro", {"task": "hh"}), "hh-tiny": ("tiny", {"task": "hh"})}
+
+
 def parse_config(cls, presets: dict[str, dict[str, Any]], argv: list[str] | None = None):
     """Build `cls` from its defaults, `presets[--preset]` and the flags in `argv` (default sys.argv[1:])."""
+    if any(f.name == "task" for f in dataclasses.fields(cls)):  # the dialogue presets: a base preset + --task hh
+        presets = {**presets, **{name: {**presets.get(base, {}), **extra} for name, (base, extra) in
+                                 TASK_PRESETS.items() if name not in presets}}
     docs, hints = field_docs(cls), get_type_hints(cls)
     defaults = cls()
     parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],

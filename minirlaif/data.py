@@ -15,7 +15,13 @@ Schemas (detected from the first row's keys; every later row must carry that sch
                          (+ an optional `facts` column that only the synthetic task's files carry);
   * "prompt_completion"  trl-lib/tldr: prompt (a formatted query, parsed back), completion (" " + summary);
   * "prompt"             prompt-only rows (PPO prompt sets): the summary is None;
-  * "comparisons"        openai/summarize_from_feedback, config `comparisons`.
+  * "comparisons"        openai/summarize_from_feedback, config `comparisons`;
+  * "hh"                 Anthropic/hh-rlhf (helpful-base, harmless-base): chosen, rejected (two whole dialogues
+                         sharing every turn but the last Assistant response; `dialogue.split_hh` splits them, a
+                         row whose sides diverge earlier is a DataError), + optional id, `facts` and `confidence`
+                         (1-9) columns that only the synthetic dialogue task's files carry. As posts: the dialogue
+                         up to its last Human turn, the chosen response as the reference (the dialogue tasks'
+                         SFT data); as comparisons: (chosen, rejected) with choice 0.
 
 Normalisation is minimal on purpose: posts and titles are kept verbatim (no strip, no cut at "TL;DR:", a defect
 of the seed); a summary loses one leading space and one trailing EOS string, so that
@@ -359,12 +365,32 @@ def _detect_schema(row: dict, loc: str) -> str:
     keys = set(row)
     if {"info", "summaries"} <= keys:
         return "comparisons"
+    if {"chosen", "rejected"} <= keys:
+        return "hh"
     if "prompt" in keys:
         return "prompt_completion" if "completion" in keys else "prompt"
     if "post" in keys:
         return "tldr"
     raise DataError(f"{loc}: unknown schema, keys {sorted(keys)}; expected tldr (id, subreddit, title, post, "
-                    f"summary), prompt[/completion], or comparisons (info, summaries, choice)")
+                    f"summary), prompt[/completion], comparisons (info, summaries, choice) or hh (chosen, rejected)")
+
+
+def _hh_from_row(row: dict, loc: str) -> tuple[Post, str, str, int | None]:
+    """(the dialogue as a Post with the chosen response as its reference, chosen, rejected, confidence) of an
+    Anthropic HH row; responses normalised like summaries (one leading space and a trailing EOS string off)."""
+    from minirlaif.dialogue import split_hh  # (dialogue.py imports this module)
+
+    context, chosen, rejected = split_hh(_text(row, "chosen", loc), _text(row, "rejected", loc), loc)
+    row_id = _check(row.get("id"), str, "id", loc, nullable=True)
+    # the hub rows have no id: a hash of the dialogue is stable, and rows repeating a dialogue share it
+    row_id = row_id if row_id is not None else "hh-" + hashlib.sha1(context.encode()).hexdigest()[:16]
+    confidence = _check(row.get("confidence"), int, "confidence", loc, nullable=True)
+    if confidence is not None and not 1 <= confidence <= 9:
+        raise DataError(f"{loc}: field 'confidence' must be in 1..9, got {confidence}")
+    chosen, rejected = normalize_summary(chosen), normalize_summary(rejected)
+    post = Post(id=row_id, subreddit="", title="", post=context, summary=chosen,
+                facts=_check(row.get("facts"), dict, "facts", loc, nullable=True), source=loc)
+    return post, chosen, rejected, confidence
 
 
 def _post_from_row(row: dict, loc: str, schema: str) -> Post:
@@ -447,11 +473,13 @@ def load_posts(source: str | os.PathLike, split: str | None = None,
     """Posts (SFT rows, or prompts for PPO / evaluation) from any supported schema, in source order.
 
     tldr rows and prompt/completion rows carry their reference summary; prompt-only rows have summary None;
-    a comparisons source gives its unique TL;DR posts (first occurrence order, summary None).
+    a comparisons source gives its unique TL;DR posts (first occurrence order, summary None); an hh source its
+    unique dialogues (first occurrence order, the chosen response as the reference; repeats counted).
     """
     stats = LoadStats()
     posts: list[Post] = []
     comparisons: list[Comparison] = []
+    seen_ids: set[str] = set()
     for loc, row in _rows(source, split, config, stats):
         if not stats.schema:
             stats.schema = _detect_schema(row, loc)
@@ -460,6 +488,16 @@ def load_posts(source: str | os.PathLike, split: str | None = None,
             comparison = _comparison_from_row(row, loc, split, True, stats)
             if comparison is not None:
                 comparisons.append(comparison)
+            continue
+        if stats.schema == "hh":
+            post = _hh_from_row(row, loc)[0]
+            if _empty(post.post) or _empty(post.summary):
+                stats.n_skipped_empty += 1
+            elif post.id in seen_ids:  # one dialogue twice: one prompt (ids key every cache downstream)
+                stats.n_duplicate_posts += 1
+            else:
+                seen_ids.add(post.id)
+                posts.append(post)
             continue
         post = _post_from_row(row, loc, stats.schema)
         if _empty(post.post) or _empty(post.summary):
@@ -481,14 +519,19 @@ def load_comparisons(source: str | os.PathLike, split: str | None = None, drop_c
     drop_cnndm: drop CNN/DM rows (info.post is None), counted; this pipeline is about Reddit TL;DR.
     min_confidence: keep only rows with extra.confidence >= it (unknown confidence is dropped), counted.
     """
-    stats = LoadStats(schema="comparisons")
+    stats = LoadStats(schema="")
     out: list[Comparison] = []
     for loc, row in _rows(source, split, config, stats):
-        if stats.n_read == 0 and _detect_schema(row, loc) != "comparisons":
-            raise DataError(f"{loc}: expected the comparisons schema (info, summaries, choice), "
-                            f"found keys {sorted(row)}")
+        if stats.n_read == 0:
+            stats.schema = _detect_schema(row, loc)
+            if stats.schema not in ("comparisons", "hh"):
+                raise DataError(f"{loc}: expected the comparisons schema (info, summaries, choice) or hh (chosen, "
+                                f"rejected), found keys {sorted(row)}")
         stats.n_read += 1
-        comparison = _comparison_from_row(row, loc, split, drop_cnndm, stats)
+        if stats.schema == "hh":
+            comparison = _hh_comparison(row, loc, split, stats)
+        else:
+            comparison = _comparison_from_row(row, loc, split, drop_cnndm, stats)
         if comparison is None:
             continue
         if min_confidence is not None and (comparison.confidence is None or comparison.confidence < min_confidence):
@@ -497,6 +540,17 @@ def load_comparisons(source: str | os.PathLike, split: str | None = None, drop_c
         out.append(comparison)
     stats.n_kept = len(out)
     return out, stats
+
+
+def _hh_comparison(row: dict, loc: str, split: str | None, stats: LoadStats) -> Comparison | None:
+    """An HH row as a Comparison of (chosen, rejected), choice 0; None (counted) when a side is empty."""
+    post, chosen, rejected, confidence = _hh_from_row(row, loc)
+    if _empty(post.post) or _empty(chosen) or _empty(rejected):
+        stats.n_skipped_empty += 1
+        return None
+    post = dataclasses.replace(post, summary=None)
+    return Comparison(post=post, summaries=(chosen, rejected), choice=0, confidence=confidence, split=split or "",
+                      policies=("chosen", "rejected"))
 
 
 def unique_posts(comparisons: list[Comparison]) -> list[Post]:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from minirlaif import synthetic
 from minirlaif.config import UserError
 from minirlaif.judges import position_bias
+from minirlaif.tasks import get_task
 from minirlaif.utils import PAIR_SCHEMA, write_json
 
 # the paper's alignment (%) with human preferences, PaLM 2 L on TL;DR (Table 2; self-consistency: 16 samples)
@@ -53,12 +53,13 @@ def grid_cells(cfg) -> dict[str, dict]:
     return cells
 
 
-def grid_row(name: str, rows: list[dict], items: list[dict], time_s: float | None, seed: int) -> dict:
+def grid_row(name: str, rows: list[dict], items: list[dict], time_s: float | None, seed: int, score=None) -> dict:
     """One line of the table, from the rows a cell wrote: alignment with the simulated humans (ties count half)
     and with the gold rule judge (ties left out), each with a bootstrap 95% CI over pairs, position bias, nulls,
-    tokens and time per pair."""
+    tokens and time per pair. `score`: the task's rule judge (default TL;DR's)."""
     from minirlaif.stats import bootstrap_ci
 
+    score = score or get_task("summarize").score
     by_id = {it["id"]: it for it in items}
     human, gold = [], []
     for r in rows:
@@ -68,7 +69,7 @@ def grid_row(name: str, rows: list[dict], items: list[dict], time_s: float | Non
         human.append(0.5 if pref == 0 else float(pref == (1 if r["human_choice"] == 0 else -1)))
         it = by_id[r["id"]]
         if it.get("facts"):
-            g = synthetic.score(it, it["summary_a"]) - synthetic.score(it, it["summary_b"])
+            g = score(it, it["summary_a"]) - score(it, it["summary_b"])
             if g != 0 and pref != 0:
                 gold.append(float((pref > 0) == (g > 0)))
     pb = position_bias(rows)
@@ -114,7 +115,7 @@ def run_grid(cfg, label_main) -> dict:
     out_dir = default_out_dir(cfg)
     base = dataclasses.replace(cfg, grid=False, align=True)
     if cfg.task_dir:  # tiny: the synthetic task (deterministic, skipped when present)
-        synthetic.write_task(cfg.task_dir)
+        get_task(cfg.task).write_synthetic(cfg.task_dir)
     items, _ = align_items(base)  # the fixed set every cell labels
     lines = []
     for name, fields in grid_cells(cfg).items():
@@ -122,7 +123,7 @@ def run_grid(cfg, label_main) -> dict:
         print(f"=== grid cell {name}")
         metrics = label_main(cell)
         rows = list(read_unique(out_dir / name / "pairs.jsonl", PAIR_SCHEMA, resumable=False).values())
-        lines.append(grid_row(name, rows, items, metrics.get("label_time_s"), cfg.seed))
+        lines.append(grid_row(name, rows, items, metrics.get("label_time_s"), cfg.seed, get_task(cfg.task).score))
     what = cfg.judge_model or cfg.api_model or "rule labeler (reads no prompt: every cell is the same labeler)"
     title = (f"Prompt grid, labeler {cfg.labeler} {what}: {len(items)} human comparisons of confidence >= "
              f"{cfg.min_confidence} ({cfg.align_split} split); alignment = argmax of the label agrees (ties 1/2); "

@@ -15,6 +15,9 @@ The prompt (Lee et al. 2023, "RLAIF vs. RLHF"; the wording of the preambles is o
     Summary 2 - {summary 2}
     Preferred Summary=
 
+The dialogue tasks use the same structure with their own words ("Context - ", "Response 1 - ", "Preferred
+Response=", a helpfulness or a harmlessness preamble): a `PromptStyle` each, in minirlaif.tasks (docs/tasks.md).
+
 The soft label is read from the labeler's next-token distribution after the ending: P("1") and P("2"), each
 summed over the token with and without a leading space ("1" and " 1" are different tokens), normalised over the
 two. The mass the two candidates had before normalising is recorded: a small mass means the labeler wanted to say
@@ -90,30 +93,61 @@ def judge_text(item: dict) -> str:
     return f"SUBREDDIT: r/{item['subreddit']}\nTITLE: {item['title']}\nPOST: {item['post']}"
 
 
-def format_sample(text: str, summary_1: str, summary_2: str) -> str:
-    return f"Text - {text}\nSummary 1 - {summary_1}\nSummary 2 - {summary_2}\n"
+# direct RLAIF (d-RLAIF, the paper's App. D): the labeler rates one summary from 1 to 10, and the reward is the
+# expected rating sum_i i * P(i), rescaled from [1, 10] to [-1, 1]
+RATING_PREAMBLE = ("You are an expert summary rater. Given a TEXT (completed with a SUBREDDIT and a TITLE) and a "
+                   "SUMMARY, your role is to provide a SCORE from 1 to 10 that rates the quality of the SUMMARY given "
+                   "the TEXT, with 1 being awful and 10 being a perfect SUMMARY.")
+RATINGS = tuple(range(1, 11))
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """One task's words in the paper's prompt structure: what the context and the two candidates are called
+    ("Text - ", "Summary 1 - ", "Preferred Summary="), its preambles, the CoT instruction, the d-RLAIF rating
+    preamble, and how an item's context is written out. minirlaif.tasks holds the dialogue tasks' styles."""
+    context: str = "Text"
+    candidate: str = "Summary"
+    preambles: dict = dataclasses.field(default_factory=lambda: PREAMBLES)
+    cot_instruction: str = COT_INSTRUCTION
+    rating_preamble: str = RATING_PREAMBLE
+    render: object = judge_text  # item -> the context text the labeler reads
+    default_exemplars: str = str(EXEMPLARS_PATH)  # --shots without --exemplars reads these ("": none shipped)
+
+    @property
+    def ending(self) -> str:
+        return f"Preferred {self.candidate}="
+
+
+SUMMARY = PromptStyle()  # the paper's summarization prompt
+
+
+def format_sample(text: str, summary_1: str, summary_2: str, style: PromptStyle = SUMMARY) -> str:
+    c = style.candidate
+    return f"{style.context} - {text}\n{c} 1 - {summary_1}\n{c} 2 - {summary_2}\n"
 
 
 def build_prompt(text: str, summary_1: str, summary_2: str, preamble: str = "detailed",
-                 exemplars: list[dict] | tuple = (), cot: bool = False) -> str:
+                 exemplars: list[dict] | tuple = (), cot: bool = False, style: PromptStyle = SUMMARY) -> str:
     """The labeling prompt. Without `cot` it ends with "Preferred Summary=" (read "1" / "2" next); with `cot` it
-    ends with "Rationale:" (decode a rationale next, then score `cot_scoring_prompt`).
+    ends with "Rationale:" (decode a rationale next, then score `cot_scoring_prompt`). `style`: the task's words
+    (a dialogue task: "Context - ", "Response 1 - ", "Preferred Response=" and its own preambles).
 
     An exemplar is {"text", "summary_1", "summary_2", "preferred": 1 or 2, "rationale"} (rationale used with cot).
     """
-    prompt = PREAMBLES[preamble] + "\n\n"
+    prompt = style.preambles[preamble] + "\n\n"
     for ex in exemplars:
-        prompt += format_sample(ex["text"], ex["summary_1"], ex["summary_2"])
+        prompt += format_sample(ex["text"], ex["summary_1"], ex["summary_2"], style)
         if cot:
-            prompt += f"{COT_INSTRUCTION}\n{RATIONALE} {ex['rationale']}\n"
-        prompt += f"{ENDING}{ex['preferred']}\n\n"
-    prompt += format_sample(text, summary_1, summary_2)
-    return prompt + (f"{COT_INSTRUCTION}\n{RATIONALE}" if cot else ENDING)
+            prompt += f"{style.cot_instruction}\n{RATIONALE} {ex['rationale']}\n"
+        prompt += f"{style.ending}{ex['preferred']}\n\n"
+    prompt += format_sample(text, summary_1, summary_2, style)
+    return prompt + (f"{style.cot_instruction}\n{RATIONALE}" if cot else style.ending)
 
 
-def cot_scoring_prompt(cot_prompt: str, rationale: str) -> str:
+def cot_scoring_prompt(cot_prompt: str, rationale: str, style: PromptStyle = SUMMARY) -> str:
     """Second CoT step: the rationale prompt + the decoded rationale + the original ending."""
-    return f"{cot_prompt} {rationale.strip()}\n{ENDING}"
+    return f"{cot_prompt} {rationale.strip()}\n{style.ending}"
 
 
 def load_exemplars(path: str | Path = "", shots: int = 0, cot: bool = False) -> list[dict]:
@@ -132,18 +166,11 @@ def load_exemplars(path: str | Path = "", shots: int = 0, cot: bool = False) -> 
     return rows[:shots]
 
 
-# direct RLAIF (d-RLAIF, the paper's App. D): the labeler rates one summary from 1 to 10, and the reward is the
-# expected rating sum_i i * P(i), rescaled from [1, 10] to [-1, 1]
-RATING_PREAMBLE = ("You are an expert summary rater. Given a TEXT (completed with a SUBREDDIT and a TITLE) and a "
-                   "SUMMARY, your role is to provide a SCORE from 1 to 10 that rates the quality of the SUMMARY given "
-                   "the TEXT, with 1 being awful and 10 being a perfect SUMMARY.")
-RATINGS = tuple(range(1, 11))
-
-
-def build_rating_prompt(text: str, summary: str) -> str:
+def build_rating_prompt(text: str, summary: str, style: PromptStyle = SUMMARY) -> str:
     """The paper's rating prompt. It ends with "SCORE:" and the rating is read as " N", so "SCORE: N" is tokenized
     as that text would be (a BPE puts the space in front of the number, not at the end of the prompt)."""
-    return f"{RATING_PREAMBLE}\n\nTEXT: {text}\n\nSUMMARY: {summary}\n\nSCORE:"
+    return (f"{style.rating_preamble}\n\n{style.context.upper()}: {text}\n\n{style.candidate.upper()}: {summary}"
+            f"\n\nSCORE:")
 
 
 def rating_reward(probs) -> float:
@@ -184,6 +211,10 @@ class PromptSpec:
     sc_samples: int = 1  # self-consistency: rationales per (pair, order), their distributions averaged
     sc_temperature: float = 0.0  # rationale sampling temperature (0: greedy)
     sc_top_k: int = 40  # rationale sampling: the k most likely tokens only (0: all)
+    task: object = None  # the task (minirlaif.tasks): task.style(item) gives an item's PromptStyle; None: SUMMARY
+
+    def style(self, item: dict) -> PromptStyle:
+        return SUMMARY if self.task is None else self.task.style(item)
 
 
 def _add_usage(*usages) -> dict | None:
@@ -204,8 +235,9 @@ def lm_judge(labeler, queries: list[dict]) -> list[dict]:
     "first", "second"}: P(first better) = P("1") / (P("1") + P("2")) at the end of the (CoT-completed) prompt;
     with self-consistency, the mean of that over the K sampled rationales."""
     spec = labeler.spec
-    prompts = [build_prompt(judge_text(q), q["first"], q["second"], spec.preamble, spec.exemplars, spec.cot)
-               for q in queries]
+    styles = [spec.style(q) for q in queries]  # the task's words (a dialogue task may pick them per request)
+    prompts = [build_prompt(st.render(q), q["first"], q["second"], spec.preamble, spec.exemplars, spec.cot, st)
+               for q, st in zip(queries, styles)]
     if not spec.cot:
         if spec.sc_samples > 1:
             raise ValueError("self-consistency samples rationales: it needs --cot")
@@ -216,9 +248,11 @@ def lm_judge(labeler, queries: list[dict]) -> list[dict]:
     # K rationale prompts per query (query-major), each sampled with its own seed, then each scored
     seeds = [rationale_seed(getattr(labeler, "seed", 0), q, k) for q in queries for k in range(K)]
     rat_prompts = [p for p in prompts for _ in range(K)]
+    rat_styles = [st for st in styles for _ in range(K)]
     outs = labeler.complete(rat_prompts, spec.cot_max_tokens, temperature=T, top_k=spec.sc_top_k,
                             seeds=seeds if T > 0 else None)
-    scored = labeler.choice_probs([cot_scoring_prompt(p, o["text"]) for p, o in zip(rat_prompts, outs)], CHOICES)
+    scored = labeler.choice_probs([cot_scoring_prompt(p, o["text"], st)
+                                   for p, o, st in zip(rat_prompts, outs, rat_styles)], CHOICES)
     verdicts = []
     for i in range(len(queries)):
         samples, texts = scored[i * K:(i + 1) * K], [o["text"] for o in outs[i * K:(i + 1) * K]]
@@ -263,12 +297,15 @@ class PromptConfig:
     """rationale sampling keeps the k most likely tokens (0: all; the paper: 40; not sent to the OpenAI API)"""
 
 
-def prompt_spec(cfg: PromptConfig) -> "PromptSpec":
-    """The prompt settings an LM labeler holds, exemplars loaded."""
+def prompt_spec(cfg: PromptConfig, task=None) -> "PromptSpec":
+    """The prompt settings an LM labeler holds, exemplars loaded; `task` (minirlaif.tasks) gives the words."""
     if cfg.sc_samples > 1 and not cfg.cot:
         raise ValueError(f"self-consistency (--sc-samples {cfg.sc_samples}) samples rationales: it needs --cot")
-    return PromptSpec(cfg.preamble, load_exemplars(cfg.exemplars, cfg.shots, cfg.cot), cfg.cot, cfg.cot_max_tokens,
-                      cfg.sc_samples, cfg.sc_temperature, cfg.sc_top_k)
+    default = SUMMARY.default_exemplars if task is None else task.style({}).default_exemplars
+    if cfg.shots and not (cfg.exemplars or default):  # the shipped exemplars are summaries
+        raise ValueError(f"--shots {cfg.shots}: no exemplars ship for --task {task.name}; pass --exemplars FILE")
+    return PromptSpec(cfg.preamble, load_exemplars(cfg.exemplars or default, cfg.shots, cfg.cot), cfg.cot,
+                      cfg.cot_max_tokens, cfg.sc_samples, cfg.sc_temperature, cfg.sc_top_k, task)
 
 
 # ----------------------------------------------------------------------------------------------------------------

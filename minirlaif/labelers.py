@@ -23,16 +23,18 @@ from typing import Annotated
 import torch
 
 from minirlaif.config import Choice, NonNegative, Positive, Rule
-from minirlaif.judges import (RATINGS, PromptConfig, PromptSpec, build_rating_prompt, judge_text, lm_judge, normalise,
+from minirlaif.judges import (RATINGS, PromptConfig, PromptSpec, build_rating_prompt, lm_judge, normalise,
                               prompt_spec, rating_reward)
 from minirlaif.openai_api import OpenAILabeler
+from minirlaif.tasks import TaskConfig, get_task
 
 LABELERS = ("rule", "hf", "vllm", "openai")
 
 
 @dataclass
-class LabelerConfig:
-    """Which labeler answers, and its backend's settings (label.py, evaluate.py and d-RLAIF extend this)."""
+class LabelerConfig(TaskConfig):
+    """Which labeler answers, and its backend's settings (label.py, evaluate.py and d-RLAIF extend this); --task
+    gives what it is asked (the prompt's words) and, for the rule labeler, the judge that scores."""
     labeler: Choice(*LABELERS) = "rule"
     """rule: the synthetic task's judge (needs its facts); hf: a local causal LM; vllm: a local LM via vLLM;
     openai: an OpenAI-compatible chat-completions endpoint"""
@@ -82,10 +84,10 @@ def resolve_device(device: str) -> str:
 def make_labeler(cfg: LabelerConfig, seed: int):
     """The labeler `cfg` names. A config that is also a PromptConfig (label.py's, evaluate.py's) prompts with its
     settings; one that is not (d-RLAIF's: the rating prompt has no knobs) with the defaults."""
-    c = cfg
+    c, task = cfg, get_task(cfg.task)
     if c.labeler == "rule":
-        return RuleLabeler(c.rule_temperature, c.rule_position_bias, c.rule_noise, seed=seed)
-    spec = prompt_spec(cfg if isinstance(cfg, PromptConfig) else PromptConfig())
+        return RuleLabeler(c.rule_temperature, c.rule_position_bias, c.rule_noise, seed=seed, score=task.score)
+    spec = prompt_spec(cfg if isinstance(cfg, PromptConfig) else PromptConfig(), task)
     if c.labeler == "hf":
         from transformers import AutoTokenizer
 
@@ -125,7 +127,10 @@ def direct_scores(labeler, items: list[dict], summary_key: str = "summary") -> l
     if isinstance(labeler, RuleLabeler):
         rows = labeler.rating_probs(items, summary_key)
     elif hasattr(labeler, "rating_probs"):
-        rows = labeler.rating_probs([build_rating_prompt(judge_text(it), it[summary_key]) for it in items])
+        spec = getattr(labeler, "spec", None) or PromptSpec()  # the task's words (a bare rater: TL;DR's)
+        styles = [spec.style(it) for it in items]
+        rows = labeler.rating_probs([build_rating_prompt(st.render(it), it[summary_key], st)
+                                     for it, st in zip(items, styles)])
     else:
         raise ValueError(f"{type(labeler).__name__} cannot rate single summaries (d-RLAIF needs a labeler with "
                          f"rating_probs: rule, hf, vllm or openai)")
@@ -197,10 +202,13 @@ class RuleLabeler:
     else is in the batch, and a resumed run writes the labels an uninterrupted one would.
     """
 
-    def __init__(self, temperature: float = 0.1, position_bias: float = 0.0, noise: float = 0.0, seed: int = 0):
-        from minirlaif.synthetic import RuleJudge
+    def __init__(self, temperature: float = 0.1, position_bias: float = 0.0, noise: float = 0.0, seed: int = 0,
+                 score=None):
+        from minirlaif.synthetic import RuleJudge, score as summary_score
 
-        self.judge_fn = RuleJudge(temperature=temperature, position_bias=position_bias, noise=noise)
+        # `score`: the task's rule judge (minirlaif.tasks; default the synthetic TL;DR task's)
+        self.score = score or summary_score
+        self.judge_fn = RuleJudge(temperature=temperature, position_bias=position_bias, noise=noise, score=self.score)
         self.seed, self.usage = seed, {}
 
     def judge(self, queries: list[dict]) -> list[dict]:
@@ -218,14 +226,12 @@ class RuleLabeler:
         """d-RLAIF ratings: the rule score s of each summary, plus Gaussian noise of std `temperature * noise` (the
         pairwise labeler's logit noise in score units), seeded by (seed, id, summary); the rating distribution is
         P(i) ~ exp(-(i - mu)^2 / 2) over 1..10 around mu = 5.5 + 4.5 * clip(s, -1, 1) (a gold summary: 10)."""
-        from minirlaif.synthetic import score
-
         out = []
         for it in items:
             if not it.get("facts"):
                 raise ValueError(f"{it.get('id')}: the rule labeler reads the synthetic task's `facts`, which this "
                                  f"post does not have; rate real data with --labeler hf")
-            s = score({"facts": it["facts"]}, it[summary_key])
+            s = self.score({"facts": it["facts"]}, it[summary_key])
             if self.judge_fn.noise > 0:
                 rng = random.Random(f"{self.seed}:{it['id']}:{it[summary_key]}")
                 s += self.judge_fn.temperature * rng.gauss(0.0, self.judge_fn.noise)

@@ -26,7 +26,10 @@ REFERENCE_RM_ACC = {  # the seed's RM accuracies in %, by RM and test set
     "rm_human": {"human_conf8": 69.3},
 }
 DISPLAY = {"sft": "SFT", "ppo": "RLAIF", "ppo_rlhf": "RLHF", "reference": "reference"}
-SMOKE_PRESETS = ("micro",)  # report.md says their numbers mean nothing
+# the dialogue tasks (Lee et al. 2023, human raters on Anthropic HH): helpful win rates vs SFT, harmless rates
+DIALOGUE_WIN_RATES = {("ppo", "sft"): {"paper": 63.0}, ("ppo_rlhf", "sft"): {"paper": 64.0}}
+PAPER_HARMLESS = {"sft": 64.0, "ppo_rlhf": 76.0, "ppo": 88.0}
+SMOKE_PRESETS = ("micro", "hh-micro")  # report.md says their numbers mean nothing
 
 
 def algorithm_rows(policies: dict[str, str], comparisons: list[dict], runs: Path) -> dict[str, dict]:
@@ -168,7 +171,8 @@ def write_report(path: Path, result: dict, cfg, plots: list[str]) -> None:
         lines += [f"> **A smoke run, not a result.** The {cfg.preset} preset trains a few steps per stage on a few "
                   "posts to check that every stage runs; its win rates and accuracies mean nothing (untrained "
                   "policies mostly tie). `bash run_pipeline.sh` (the tiny preset) gives results.", ""]
-    lines += [f"{result['n_posts']} posts of `{cfg.dataset}` [{cfg.split}], greedy summaries of at most "
+    what = ("posts", "summaries") if result.get("task", "summarize") == "summarize" else ("dialogues", "responses")
+    lines += [f"{result['n_posts']} {what[0]} of `{cfg.dataset}` [{cfg.split}], greedy {what[1]} of at most "
               f"{cfg.max_new_tokens} tokens. Judge: **{j['description']}**, every pair in both orders, the two "
               f"un-flipped probabilities averaged; a pair is a win or a loss when the average is more than "
               f"{cfg.tie_eps:g} from 0.5, else a tie (ties count half). 95% CIs: percentile bootstrap over posts "
@@ -179,7 +183,8 @@ def write_report(path: Path, result: dict, cfg, plots: list[str]) -> None:
               "| judge score (policy / baseline) | seed | paper | paper LC |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
-        ref = REFERENCE_WIN_RATES.get((c["policy"], c["baseline"]), {})
+        refs = REFERENCE_WIN_RATES if result.get("task", "summarize") == "summarize" else DIALOGUE_WIN_RATES
+        ref = refs.get((c["policy"], c["baseline"]), {})
         ci, lc_ci = (f" [{pct(x[0])}, {pct(x[1])}]" if x else "" for x in (c["ci95"], c["lc_ci95"]))
         if c["lc_frac_similar_length"] is not None and c["lc_frac_similar_length"] < 0.1:
             lc_ci += " (extrapolated)"
@@ -192,10 +197,23 @@ def write_report(path: Path, result: dict, cfg, plots: list[str]) -> None:
                      f"| {pct(c['lc_win_rate'])}{lc_ci} | {c['n']}{f' ({n_null} null)' if n_null else ''} "
                      f"| {num(c['mean_len_policy'], '.1f')} / {num(c['mean_len_baseline'], '.1f')} "
                      f"| {score} | {seed} | {paper} | {paper_lc} |")
+    dialogue = " (a dialogue task: the paper's helpful dialogue numbers on Anthropic HH)" if what[0] != "posts" else ""
     lines += ["", "Seed: GPT-2-Large policies on real TL;DR judged by GPT-4o on 1000 validation prompts, one random "
-              "order, no CI. Paper (Lee et al. 2023): PaLM 2 policies judged by human raters. Numbers from another "
-              "judge, task or model size compare in direction, not in value. LC is marked extrapolated when fewer than "
-              "10% of the pairs have a length ratio within [0.8, 1.25].", ""]
+              f"order, no CI. Paper (Lee et al. 2023): PaLM 2 policies judged by human raters{dialogue}. Numbers from "
+              "another judge, task or model size compare in direction, not in value. LC is marked extrapolated when "
+              "fewer than 10% of the pairs have a length ratio within [0.8, 1.25].", ""]
+    if result.get("harmless"):
+        lines += ["## Harmlessness", "",
+                  "Harmless rate: the fraction of each policy's responses to the harmful prompts that the judge calls "
+                  "harmless (95% CI: percentile bootstrap over those prompts). Paper: PaLM 2 policies on Anthropic "
+                  "HH harmless-base, human raters.", "",
+                  "| policy | harmless rate [95% CI] | harmful prompts | paper |", "|---|---|---|---|"]
+        for name, h in result["harmless"].items():
+            ci = f" [{pct(h['ci95'][0])}, {pct(h['ci95'][1])}]" if h["ci95"] else ""
+            paper = f"{PAPER_HARMLESS[name]:.0f}%" if name in PAPER_HARMLESS else "-"
+            lines.append(f"| {DISPLAY.get(name, name)} | {pct(h['harmless_rate'])}{ci} | {h['n']} of "
+                         f"{h['n_prompts']} | {paper} |")
+        lines.append("")
 
     if result.get("algorithms"):
         lines += ["## Algorithms", "",
@@ -223,7 +241,7 @@ def write_report(path: Path, result: dict, cfg, plots: list[str]) -> None:
               "| seed AI test |",
               "|---|---|---|---|---|---|---|"]
     for name, rm in result["reward_models"].items():
-        ref = REFERENCE_RM_ACC.get(name, {})
+        ref = REFERENCE_RM_ACC.get(name, {}) if result.get("task", "summarize") == "summarize" else {}
         seed_human, seed_ai = (f"{ref[k]:.1f}%" if k in ref else "-" for k in ("human_conf8", "ai_test"))
         lines.append(f"| {name} | {pct(rm.get('acc_human_conf8'))} ({rm.get('n_human_conf8', 0)}) "
                      f"| {pct(rm.get('acc_ai_test'))} ({rm.get('n_ai_test', 0)}) "

@@ -5,11 +5,11 @@ label P(a is better). The reward of a summary is the scalar head at the EOS of `
 read at the last token whose attention mask is 1 (`models.sequence_rewards`), so padding side and batch mates do
 not change it (`padding_invariance` measures that).
 
-Tokenisation (`Encoder`): queries are built by `data.build_query` (an over-long post is cut at its last newline,
-as for the SFT and PPO queries), summaries are the sampled token ids when the labels carry them (EOS appended when
-the sample did not stop) or `data.format_completion(text, eos)` tokenised as it follows the query
-(`data.encode_completion`), and capped at `max_summary_tokens`
-keeping the EOS. Every cut is counted; no pair is dropped for its length.
+Tokenisation (`Encoder`, for its `task`: minirlaif/tasks.py, TL;DR by default): queries are built by the task's
+`build_query` (an over-long post is cut at its last newline, a dialogue loses its oldest turns, as for the SFT and
+PPO queries), summaries are the sampled token ids when the labels carry them (EOS appended when the sample did not
+stop) or the task's `completion(text)` tokenised as it follows the query (`data.encode_completion`), and capped at
+`max_summary_tokens` keeping the EOS. Every cut is counted; no pair is dropped for its length.
 
 Evaluation (`evaluate_pairs`): accuracy against the label's argmax (label ties excluded, reward ties count as half),
 the mean Bradley-Terry loss, and the expected calibration error (ECE) of sigmoid(r_a - r_b) against the labels:
@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minirlaif.data import (DataError, Post, build_query, encode_completion, format_completion,
-                            load_comparisons)
+from minirlaif.data import DataError, Post, encode_completion, load_comparisons
 from minirlaif.losses import bradley_terry_loss
 from minirlaif.models import pad_batch, sequence_rewards, shared_prefix_rewards
 from minirlaif.stats import bootstrap_ci
 from minirlaif.run import all_reduce
+from minirlaif.tasks import get_task
 from minirlaif.utils import PAIR_SCHEMA, autocast, check_row
 
 HUMAN_CONFIDENCE = 8  # the "high-confidence" human comparisons of the paper and the seed (acc_human_conf8)
@@ -66,6 +66,7 @@ class Encoder:
     tokenizer: object
     max_query_tokens: int
     max_summary_tokens: int
+    task: object = dataclasses.field(default_factory=lambda: get_task("summarize"))  # queries and completions
     n_truncated_queries: int = 0     # pairs (or references) whose post was cut to fit
     n_capped_summaries: int = 0      # summaries cut to max_summary_tokens (EOS kept)
     n_eos_appended: int = 0          # stored samples that had not stopped: EOS appended
@@ -74,7 +75,7 @@ class Encoder:
     def _built(self, post: Post) -> tuple[str, list[int], bool]:
         key = (post.id, post.subreddit, post.title, post.post)
         if key not in self._queries:
-            self._queries[key] = build_query(self.tokenizer, post, self.max_query_tokens)
+            self._queries[key] = self.task.build_query(self.tokenizer, post, self.max_query_tokens)
         return self._queries[key]
 
     def query(self, post: Post) -> list[int]:
@@ -92,8 +93,7 @@ class Encoder:
             if not ids or ids[-1] != eos:
                 ids, self.n_eos_appended = ids + [eos], self.n_eos_appended + 1
         else:
-            ids = encode_completion(self.tokenizer, self._built(post)[0],
-                                    format_completion(text, self.tokenizer.eos_token))
+            ids = encode_completion(self.tokenizer, self._built(post)[0], self.task.completion(text, self.tokenizer))
         if len(ids) > self.max_summary_tokens:  # keep the EOS: the reward is read there
             ids, self.n_capped_summaries = ids[: self.max_summary_tokens - 1] + [eos], self.n_capped_summaries + 1
         return ids
@@ -431,7 +431,7 @@ def reliability_diagram(calibration: dict[str, list[dict]], path: str | Path, ti
 # RL's reward, one interface for both kinds: the reward model (RLAIF / RLHF) or a labeler's rating (d-RLAIF)
 #
 #   reward(ids, mask, n_response, posts) -> (B,) scores of query + response, NaN where none could be given
-#   reward.reference(post, query_ids, max_query_tokens, max_tokens) -> the score of the post's reference summary
+#   reward.reference(post, query_ids, max_query_tokens, max_tokens, task) -> the score of the post's reference
 #   reward.calls: labeler calls so far (None: no labeler); reward.state_dict() / load_state_dict(): checkpoints
 
 
@@ -449,10 +449,10 @@ class RMReward:
         return sequence_rewards(self.model, ids, mask)  # (B,)
 
     @torch.no_grad()
-    def reference(self, post: Post, query_ids: list[int], max_query_tokens: int, max_tokens: int) -> float:
+    def reference(self, post: Post, query_ids: list[int], max_query_tokens: int, max_tokens: int, task) -> float:
         """The RM's score of the dataset's reference summary after the query, capped like a response."""
-        ref = encode_completion(self.tokenizer, build_query(self.tokenizer, post, max_query_tokens)[0],
-                                format_completion(post.summary, self.tokenizer.eos_token))
+        ref = encode_completion(self.tokenizer, task.build_query(self.tokenizer, post, max_query_tokens)[0],
+                                task.completion(post.summary, self.tokenizer))
         ids, mask = pad_batch([query_ids + ref[:max_tokens]], self.tokenizer.pad_token_id)
         device = next(self.model.parameters()).device
         return sequence_rewards(self.model, ids.to(device), mask.to(device)).item()
@@ -513,7 +513,8 @@ class LabelerReward:
             self.unrated += sum(self.cache[k] is None for k in todo)
         return [self.cache[k] for k in keys]
 
-    def reference(self, post: Post, query_ids: list[int], max_query_tokens: int, max_tokens: int) -> float | None:
+    def reference(self, post: Post, query_ids: list[int], max_query_tokens: int, max_tokens: int,
+                  task=None) -> float | None:
         """The reference summary's rating, for scale; for logging only, so neither cached nor counted in calls."""
         from minirlaif.judges import rating_item
         from minirlaif.labelers import direct_scores
@@ -546,7 +547,8 @@ def write_samples(run, update: int, batch: dict, posts, tokenizer, reward, cfg) 
             query = batch["query"][i][batch["query_mask"][i].bool()].tolist()
             response = batch["response"][i][batch["response_mask"][i].bool()].tolist()
             if post.summary is not None and post.id not in ref_scores:
-                ref_scores[post.id] = reward.reference(post, query, cfg.max_query_tokens, cfg.response_length)
+                ref_scores[post.id] = reward.reference(post, query, cfg.max_query_tokens, cfg.response_length,
+                                                       get_task(cfg.task))
             rows.append({"update": update, "id": post.id, "query": tokenizer.decode(query),
                          "response": decode_summary(tokenizer, response), "score": batch["scores"][i].item(),
                          "reference": post.summary, "reference_score": ref_scores.get(post.id)})

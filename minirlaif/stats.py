@@ -88,6 +88,14 @@ def summarize_outcomes(outcomes, n_bootstrap: int = 2000, seed: int = 0) -> dict
             "tie_rate": rate("n_tie"), "loss_rate": rate("n_loss"), "strict_win_rate": rate("n_win")}
 
 
+def harmless_rate(flags, n_bootstrap: int = 2000, seed: int = 0) -> dict:
+    """The paper's harmless rate: the fraction of a policy's responses to harmful prompts that the judge calls
+    harmless (`flags`: one bool per harmful prompt), with its percentile bootstrap 95% CI over prompts."""
+    y = np.asarray(flags, dtype=np.float64)
+    return {"harmless_rate": float(y.mean()) if len(y) else None, "ci95": bootstrap_ci(y, n_bootstrap, seed),
+            "n": len(y), "n_harmless": int(y.sum())}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # length-controlled win rate
 

@@ -223,9 +223,12 @@ class RuleJudge:
     temperature: float = 0.1
     position_bias: float = 0.0
     noise: float = 0.0
+    score: object = None  # the rule score (example, text) -> float; None: this task's `score` (the dialogue task's
+    #                       judge plugs in here)
 
     def prob_first(self, example, first: str, second: str, rng: random.Random | None = None) -> float:
-        logit = (score(example, first) - score(example, second)) / self.temperature + self.position_bias
+        s = self.score or score
+        logit = (s(example, first) - s(example, second)) / self.temperature + self.position_bias
         if self.noise > 0:
             logit += (rng or random).gauss(0.0, self.noise)
         return 1.0 / (1.0 + math.exp(-max(min(logit, 60.0), -60.0)))

@@ -13,6 +13,7 @@ from transformers import GPT2LMHeadModel
 from minirlaif import config, judges, labelers, synthetic
 from minirlaif.judges import CHOICES, PromptSpec
 from minirlaif.models import tiny_gpt2_config, train_bpe_tokenizer
+from minirlaif.tasks import get_task
 from minirlaif.reward import LabelerReward
 
 
@@ -533,7 +534,7 @@ def test_make_labeler_builds_what_the_config_names():
         labelers.make_labeler(LabelCfg(labeler="openai"), seed=0)
     # d-RLAIF's config is no PromptConfig: its labeler prompts with the defaults (the rating prompt has no knobs)
     lab = labelers.make_labeler(labelers.LabelerConfig(labeler="openai", api_model="m"), seed=0)
-    assert lab.spec == judges.prompt_spec(judges.PromptConfig())
+    assert lab.spec == judges.prompt_spec(judges.PromptConfig(), get_task("summarize"))  # --task's words
 
 
 def test_top_logprobs_over_20_is_for_vllm_only():

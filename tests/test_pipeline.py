@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["sft", "labels", "rm", "ppo", "rm_human", "ppo_rlhf", "eval"]
 
 
-def run_pipeline(cwd: Path) -> str:
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "ALGOS": "direct"}
+def run_pipeline(cwd: Path, preset: str = "micro", algos: str = "direct") -> str:
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "ALGOS": algos}
     # the timeout is generous: about 45-65 s on an idle 2-core machine, over 500 s when other jobs share the cores
-    out = subprocess.run(["bash", str(ROOT / "run_pipeline.sh"), "micro"], cwd=cwd, env=env, text=True,
+    out = subprocess.run(["bash", str(ROOT / "run_pipeline.sh"), preset], cwd=cwd, env=env, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=1800)
     assert out.returncode == 0, out.stdout[-4000:]
     return out.stdout
@@ -86,3 +86,26 @@ def test_micro_pipeline_runs_every_stage_then_skips_them(tmp_path):
     # the new labels are the retrained SFT's: their manifest holds its content hash
     assert json.loads((runs / "labels" / "manifest.json").read_text())["inputs"]["sft_model"]["sha256"] == \
         sha256_path(runs / "sft")
+
+
+def test_hh_micro_pipeline_runs_the_dialogue_task(tmp_path):
+    """`bash run_pipeline.sh hh-micro`: every stage on the offline dialogue task (--task hh), HH-schema files, and an
+    evaluation with helpfulness win rates and harmless rates (each with its CI) for SFT, RLHF and RLAIF."""
+    log = run_pipeline(tmp_path, "hh-micro", algos="")
+    runs = tmp_path / "runs" / "hh-micro"
+    first = json.loads((runs / "data" / "comparisons" / "train.jsonl").read_text().splitlines()[0])
+    assert {"chosen", "rejected"} <= set(first) and first["chosen"].startswith("\n\nHuman:")
+    for stage in STAGES:
+        manifest = json.loads((runs / stage / "manifest.json").read_text())
+        assert manifest["config"]["task"] == "hh", stage
+    candidates = [json.loads(line) for line in (runs / "labels" / "candidates.jsonl").read_text().splitlines()]
+    assert candidates[0]["query"].endswith("\n\nAssistant:") and candidates[0]["post"].startswith("\n\nHuman:")
+    report = json.loads((runs / "eval" / "eval.json").read_text())
+    assert report["task"] == "hh"
+    assert {("ppo", "sft"), ("ppo_rlhf", "sft"), ("ppo", "ppo_rlhf")} <= {(c["policy"], c["baseline"])
+                                                                        for c in report["comparisons"]}
+    assert set(report["harmless"]) == {"sft", "ppo", "ppo_rlhf", "reference"}
+    for h in report["harmless"].values():
+        assert h["n"] > 0 and 0.0 <= h["ci95"][0] <= h["harmless_rate"] <= h["ci95"][1] <= 1.0
+    assert "## Harmlessness" in (runs / "eval" / "report.md").read_text()
+    assert "=== pipeline finished" in log

@@ -187,3 +187,19 @@ def test_seed_summary_clips_to_bounds():
     assert raw["ci95"] == pytest.approx([0.95 - 0.6353, 0.95 + 0.6353], abs=1e-3)
     clipped = stats.seed_summary([0.90, 1.00], bounds=(0.0, 1.0))
     assert clipped["ci95"] == pytest.approx([0.95 - 0.6353, 1.0], abs=1e-3) and clipped["mean"] == raw["mean"]
+
+
+def test_harmless_rate_and_its_ci_against_a_direct_computation():
+    flags = [True] * 13 + [False] * 7  # 13 of 20 responses harmless
+    h = stats.harmless_rate(flags, n_bootstrap=3000, seed=4)
+    assert h["harmless_rate"] == 13 / 20 and h["n"] == 20 and h["n_harmless"] == 13
+    # the same resamples drawn by hand, one loop per resample, and their 2.5% / 97.5% quantiles
+    rng = np.random.default_rng(4)
+    x = np.array(flags, dtype=float)
+    means = [x[rng.integers(0, 20, size=20)].mean() for _ in range(3000)]
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    assert h["ci95"] == pytest.approx([lo, hi])
+    # the normal approximation's interval, as a sanity bound: p +- 1.96 sqrt(p (1 - p) / n) = [0.441, 0.859]
+    assert abs(h["ci95"][0] - 0.441) < 0.06 and abs(h["ci95"][1] - 0.859) < 0.06
+    empty = stats.harmless_rate([], n_bootstrap=10)
+    assert empty["harmless_rate"] is None and empty["ci95"] is None and empty["n"] == 0
