@@ -103,7 +103,7 @@ class Config(LabelerConfig, PromptConfig):  # --labeler and its settings, --prea
     align_split: str = "validation"
     """--align: the comparisons split to label"""
     min_confidence: Between(0, 9, int) = 8
-    """--align: keep comparisons whose rater confidence (1-9) is at least this"""
+    """--align: keep comparisons whose rater confidence (1-9) is at least this (0: all, also those without one: HH)"""
     max_pairs: PositiveOrAll[int] = -1
     """--align: label at most this many comparisons (-1: all)"""
     grid: bool = False
@@ -235,7 +235,7 @@ def candidate_stats(items: list[dict]) -> dict:
 
 def align_items(cfg: Config) -> tuple[list[dict], dict]:
     """Human comparisons as pairs: summary_a / summary_b are the comparison's summaries 0 / 1."""
-    comps, stats = load_comparisons(cfg.comparisons, cfg.align_split, min_confidence=cfg.min_confidence)
+    comps, stats = load_comparisons(cfg.comparisons, cfg.align_split, min_confidence=cfg.min_confidence or None)
     comps = comps[:cfg.max_pairs] if cfg.max_pairs > 0 else comps
     items = [{"id": f"{c.post.id}/{i}", "subreddit": c.post.subreddit, "title": c.post.title, "post": c.post.post,
               "summary_a": c.summaries[0], "summary_b": c.summaries[1], "human_choice": c.choice,
