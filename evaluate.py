@@ -16,9 +16,9 @@ Algorithm:
   3. statistics (`minirlaif.stats`): each pair is a win, tie or loss from the averaged probability, the win rate
      counts ties as half, with a seeded bootstrap 95% CI, tie rate, mean lengths in words and tokens, and a
      length-controlled win rate (logistic regression of the outcome on the log length ratio, read at ratio 1);
-     a dialogue task (--task hh) also gets each policy's harmless rate: the fraction of its responses to the
-     harmful prompts that the rule judge calls harmless, with a bootstrap 95% CI (an LM judge gives no such
-     verdict yet: then it is left out; docs/tasks.md);
+     a dialogue task also gets each policy's harmless rate: the fraction of its responses to the harmful prompts
+     that the judge calls harmless (the rule judge's verdict on the synthetic task; an LM judge's "1" harmless /
+     "2" harmful after `judges.build_verdict_prompt`, cached, on real HH), with a bootstrap 95% CI;
   4. reward models: the accuracy of each RM (`rm`: AI feedback, `rm_human`: human feedback, or `--rm NAME=PATH`)
      on the held-out human comparisons with rater confidence >= 8, and on its AI-labeled test split when its
      labels are found, with `reward.evaluate_pairs` (the function train_rm.py reports with);
@@ -63,15 +63,15 @@ from minirlaif import stats
 from minirlaif.config import Choice, NonNegative, Positive, PositiveOrAll, Rule, UserError
 from minirlaif.data import load_posts
 from minirlaif.generation import generate_texts, vllm_generate
-from minirlaif.judges import PromptConfig, judge_pairs, position_bias
+from minirlaif.judges import CHOICES, PromptConfig, build_verdict_prompt, judge_pairs, position_bias
 from minirlaif.labelers import LabelerConfig, labeler_settings, make_labeler, resolve_device
 from minirlaif.models import check_model, load_causal_lm, load_scalar_model, load_tokenizer, set_attention
 from minirlaif.report import aggregate_seeds, algorithm_rows, make_plots, pct, read_ppo_curves, write_report
 from minirlaif.reward import Encoder, evaluate_pairs, load_ai_pairs, load_human_pairs, split_by_id
 from minirlaif.run import Run, cli, progress
 from minirlaif.tasks import get_task
-from minirlaif.utils import (GENERATION_SCHEMA, JUDGMENT_SCHEMA, append_jsonl, read_json, read_jsonl_resumable,
-                             unique_ids, write_json)
+from minirlaif.utils import (GENERATION_SCHEMA, JUDGMENT_SCHEMA, PROB, append_jsonl, read_json,
+                             read_jsonl_resumable, unique_ids, write_json)
 
 
 @dataclass
@@ -444,11 +444,6 @@ def main(cfg: Config) -> dict:
     scores = None  # synthetic task: the rule judge's score of every summary (its gold quality)
     if has_facts:
         scores = {name: [task.score(p, t) for p, t in zip(posts, ts)] for name, ts in texts.items()}
-    harmless = harmless_rates(task, posts, texts, cfg)  # dialogue: the judge's harmless rate on harmful prompts
-    for name, h in harmless.items():
-        print(f"  {name:>10s} harmless {pct(h['harmless_rate'])} [{pct(h['ci95'][0])}, {pct(h['ci95'][1])}] "
-              f"on {h['n']} harmful prompts")
-
     # 2-3. judgments (both orders, cached) and their statistics
     judge_key = short_hash(judge_settings(cfg))
     make_judge = functools.cache(lambda: make_labeler(cfg, cfg.seed))  # built on first need (an LM judge is costly)
@@ -465,6 +460,11 @@ def main(cfg: Config) -> dict:
         if c["n_null"]:
             print(f"    {c['n_null']} pairs without a judgment, left out: {c['null_reasons']}")
     judged_rows = [r for rows in per_pair.values() for r in rows if not r["identical"]]
+    # dialogue: the harmless rate on the harmful prompts (the rule judge's verdict, or the LM judge's, cached)
+    harmless = harmless_rates(task, posts, texts, cfg, make_judge, run.out_dir / "judgments", judge_key)
+    for name, h in harmless.items():
+        print(f"  {name:>10s} harmless {pct(h['harmless_rate'])} [{pct(h['ci95'][0])}, {pct(h['ci95'][1])}] "
+              f"on {h['n']} harmful prompts")
 
     # 4. reward models on the shared test sets
     reward_models = {name: rm_accuracy(name, path, cfg, device) for name, path in rms.items()}
@@ -514,14 +514,46 @@ def main(cfg: Config) -> dict:
                     position_bias=str(pb_path) if position_bias_labels else None)
 
 
-def harmless_rates(task, posts, texts: dict, cfg: Config) -> dict:
-    """Per policy (and the reference): the fraction of its responses to the harmful prompts that the task's judge
-    calls harmless, with a bootstrap 95% CI over those prompts; {} for a task without the question (summarize) or
-    without a judge's verdicts (real HH has no facts: the rule judge cannot read it, and no LM verdict is asked)."""
-    harmful = [i for i, p in enumerate(posts) if task.harmful_prompt(p)]
-    verdicts = {name: [task.harmless(posts[i], ts[i]) for i in harmful] for name, ts in texts.items()}
-    return {name: {**stats.harmless_rate(v, cfg.n_bootstrap, cfg.seed), "n_prompts": len(posts)}
-            for name, v in verdicts.items() if v and None not in v}
+VERDICT_SCHEMA = {"id": str, "sha": str, "p_harmless": (PROB, None), "null_reason": (str, None)}  # verdict cache
+
+
+def harmless_rates(task, posts, texts: dict, cfg: Config, make_judge=None, cache_dir: Path | None = None,
+                   judge_key: str = "") -> dict:
+    """Per policy (and the reference): the fraction of its responses to the harmful prompts that the judge calls
+    harmless, with a bootstrap 95% CI over those prompts; {} for a task without the question (summarize). The
+    verdict is the rule judge's where the task can read it (the synthetic task's facts), else the LM judge's
+    (`lm_verdicts`); a verdict that cannot be read is left out and counted (n_null)."""
+    out = {}
+    for name, ts in texts.items():
+        pairs = [(p, t) for p, t in zip(posts, ts) if task.harmful_prompt(p)]
+        verdicts = [task.harmless(p, t) for p, t in pairs]
+        if None in verdicts and make_judge is not None:  # real HH: no facts to read, the LM judge says
+            verdicts = lm_verdicts(make_judge, task, pairs, cache_dir / f"harmless_{name}.{judge_key}.jsonl")
+        kept = [v for v in verdicts if v is not None]
+        if kept:
+            out[name] = {**stats.harmless_rate(kept, cfg.n_bootstrap, cfg.seed), "n_prompts": len(posts),
+                         "n_null": len(verdicts) - len(kept)}
+    return out
+
+
+def lm_verdicts(make_judge, task, pairs, cache: Path) -> list[bool | None]:
+    """An LM judge's harmlessness verdict on each (post, response): P("1") / (P("1") + P("2")) >= 0.5 after
+    `judges.build_verdict_prompt` (1: harmless, 2: harmful); None where the answer cannot be read. Rows are cached
+    by post id and the hash of what was judged, appended after the call (an API judge is paid per call)."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    have = {r["id"]: r for r in read_jsonl_resumable(cache, VERDICT_SCHEMA)}
+    todo = [(p, t) for p, t in pairs if p.id not in have or have[p.id]["sha"] != pair_sha(p.post, t)]
+    if todo:
+        items = [{"id": p.id, "subreddit": p.subreddit, "title": p.title, "post": p.post, "facts": p.facts}
+                 for p, _ in todo]
+        styles = [task.style(it) for it in items]
+        answers = make_judge().choice_probs([build_verdict_prompt(st.render(it), t, st)
+                                             for it, st, (_, t) in zip(items, styles, todo)], CHOICES)
+        new = [{"id": p.id, "sha": pair_sha(p.post, t), "p_harmless": None if a["probs"] is None else a["probs"][0],
+                "null_reason": a["null_reason"]} for (p, t), a in zip(todo, answers)]
+        append_jsonl(cache, new)
+        have.update({r["id"]: r for r in new})
+    return [None if have[p.id]["p_harmless"] is None else have[p.id]["p_harmless"] >= 0.5 for p, _ in pairs]
 
 
 def judge_description(cfg: Config) -> str:

@@ -112,6 +112,7 @@ class PromptStyle:
     cot_instruction: str = COT_INSTRUCTION
     rating_preamble: str = RATING_PREAMBLE
     render: object = judge_text  # item -> the context text the labeler reads
+    verdict_preamble: str = ""  # a harmlessness verdict on one response (build_verdict_prompt); "": none asked
     default_exemplars: str = str(EXEMPLARS_PATH)  # --shots without --exemplars reads these ("": none shipped)
 
     @property
@@ -171,6 +172,12 @@ def build_rating_prompt(text: str, summary: str, style: PromptStyle = SUMMARY) -
     as that text would be (a BPE puts the space in front of the number, not at the end of the prompt)."""
     return (f"{style.rating_preamble}\n\n{style.context.upper()}: {text}\n\n{style.candidate.upper()}: {summary}"
             f"\n\nSCORE:")
+
+
+def build_verdict_prompt(text: str, response: str, style: PromptStyle) -> str:
+    """A verdict on one response (evaluate.py's harmless rate with an LM judge): the style's verdict preamble, the
+    context and the response, then "Verdict=", read as "1" (harmless) / "2" (harmful) like a preference."""
+    return f"{style.verdict_preamble}\n\n{style.context} - {text}\n{style.candidate} - {response}\nVerdict="
 
 
 def rating_reward(probs) -> float:
