@@ -35,16 +35,14 @@ compliance (any closed-list harmful steps) -1.0 whatever else the response says.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from minirlaif.data import DataError
+from minirlaif.synthetic import write_rows, write_stamped
 
 # ----------------------------------------------------------------------------------------------------------------
 # the Anthropic HH schema
@@ -507,38 +505,25 @@ def make_comparison(rng: random.Random, example: dict, row_id: str, cfg: Dialogu
     return {**_row(row_id, example, first, second), "confidence": 1 + round(8 * max(0.0, 2 * p_chosen - 1))}
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a temp file of this process's own: every torchrun rank may write the task at once (the same bytes)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-
-
 def write_task(data_dir: str | Path, cfg: DialogueTaskConfig = DialogueTaskConfig()) -> Path:
-    """Write the task's files (idempotent: skipped when data_dir already holds this exact config).
+    """Write the task's files (idempotent: skipped when data_dir already holds this exact config; the stamp and the
+    per-process temp files of `synthetic.write_stamped`).
 
     data_dir/sft/{train,validation,test}.jsonl     chosen: the human reference; rejected: another sample
     data_dir/comparisons/{train,validation}.jsonl  chosen: the human-preferred of two samples (+ "confidence")
     Every row is {"id", "chosen", "rejected", "facts"}: the HH schema plus an id and the rule judge's facts.
     """
-    data_dir = Path(data_dir)
-    stamp = data_dir / "task_config.json"
-    want = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as the stamp reads back (a tuple is a list there)
-    if stamp.exists() and json.loads(stamp.read_text()) == want:
-        return data_dir
-    rng = random.Random(cfg.seed)
-    for split, n in (("train", cfg.n_train), ("validation", cfg.n_validation), ("test", cfg.n_test)):
-        rows = []
-        for i in range(n):
-            ex = make_example(rng, cfg)
-            ref = reference_response(rng, ex["facts"], cfg)
-            rows.append(_row(f"dlg-{split}-{i:06d}", ex, ref, _different(rng, ex["facts"], cfg, ref)))
-        _write_jsonl(data_dir / "sft" / f"{split}.jsonl", rows)
-    for split, n in (("train", cfg.n_comparison_prompts_train), ("validation", cfg.n_comparison_prompts_validation)):
-        rows = [make_comparison(rng, make_example(rng, cfg), f"dlg-cmp-{split}-{i:06d}", cfg) for i in range(n)]
-        _write_jsonl(data_dir / "comparisons" / f"{split}.jsonl", rows)
-    tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")  # written last, atomically: a kill before redoes the task
-    tmp.write_text(json.dumps(want, indent=2) + "\n")
-    os.replace(tmp, stamp)
-    return data_dir
+    def write_files(data_dir: Path, rng: random.Random) -> None:
+        for split, n in (("train", cfg.n_train), ("validation", cfg.n_validation), ("test", cfg.n_test)):
+            rows = []
+            for i in range(n):
+                ex = make_example(rng, cfg)
+                ref = reference_response(rng, ex["facts"], cfg)
+                rows.append(_row(f"dlg-{split}-{i:06d}", ex, ref, _different(rng, ex["facts"], cfg, ref)))
+            write_rows(data_dir / "sft" / f"{split}.jsonl", rows)
+        for split, n in (("train", cfg.n_comparison_prompts_train),
+                         ("validation", cfg.n_comparison_prompts_validation)):
+            rows = [make_comparison(rng, make_example(rng, cfg), f"dlg-cmp-{split}-{i:06d}", cfg) for i in range(n)]
+            write_rows(data_dir / "comparisons" / f"{split}.jsonl", rows)
+
+    return write_stamped(data_dir, cfg, write_files)

@@ -287,12 +287,29 @@ def make_comparisons(rng: random.Random, example: dict, split: str, post_id: str
     return rows
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """JSON Lines through a temp file of this process's own: every torchrun rank may write a task at once (the same
+    bytes), and a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a temp file of this process's own: every torchrun rank may write the task at once (the same bytes)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(path)
+
+
+def write_stamped(data_dir: str | Path, cfg, write_files) -> Path:
+    """A synthetic task's files (this one's and minirlaif.dialogue's): skipped when data_dir's stamp holds exactly
+    `cfg`; else `write_files(data_dir, rng)` with the config's seeded RNG, then the stamp, written last and
+    atomically, so a kill before it redoes the task."""
+    data_dir = Path(data_dir)
+    stamp = data_dir / "task_config.json"
+    want = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as the stamp reads back (a tuple is a list there)
+    if stamp.exists() and json.loads(stamp.read_text()) == want:
+        return data_dir
+    write_files(data_dir, random.Random(cfg.seed))
+    tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(want, indent=2) + "\n")
+    os.replace(tmp, stamp)
+    return data_dir
 
 
 def write_task(data_dir: str | Path, cfg: TaskConfig = TaskConfig()) -> Path:
@@ -301,25 +318,18 @@ def write_task(data_dir: str | Path, cfg: TaskConfig = TaskConfig()) -> Path:
     data_dir/sft/{train,validation,test}.jsonl          rows: id, subreddit, title, post, summary, facts
     data_dir/comparisons/{train,validation}.jsonl       openai/summarize_from_feedback `comparisons` rows
     """
-    data_dir = Path(data_dir)
-    stamp = data_dir / "task_config.json"
-    want = dataclasses.asdict(cfg)
-    if stamp.exists() and json.loads(stamp.read_text()) == want:
-        return data_dir
-    rng = random.Random(cfg.seed)
-    for split, n in (("train", cfg.n_train), ("validation", cfg.n_validation), ("test", cfg.n_test)):
-        rows = []
-        for i in range(n):
-            ex = make_example(rng, cfg)
-            rows.append({"id": f"syn-{split}-{i:06d}", **ex})
-        _write_jsonl(data_dir / "sft" / f"{split}.jsonl", rows)
-    for split, n in (("train", cfg.n_comparison_posts_train), ("validation", cfg.n_comparison_posts_validation)):
-        rows = []
-        for i in range(n):
-            ex = make_example(rng, cfg)
-            rows += make_comparisons(rng, ex, split, f"syn-cmp-{split}-{i:06d}", cfg)
-        _write_jsonl(data_dir / "comparisons" / f"{split}.jsonl", rows)
-    tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")  # written last, atomically: a kill before redoes the task
-    tmp.write_text(json.dumps(want, indent=2) + "\n")
-    os.replace(tmp, stamp)
-    return data_dir
+    def write_files(data_dir: Path, rng: random.Random) -> None:
+        for split, n in (("train", cfg.n_train), ("validation", cfg.n_validation), ("test", cfg.n_test)):
+            rows = []
+            for i in range(n):
+                ex = make_example(rng, cfg)
+                rows.append({"id": f"syn-{split}-{i:06d}", **ex})
+            write_rows(data_dir / "sft" / f"{split}.jsonl", rows)
+        for split, n in (("train", cfg.n_comparison_posts_train), ("validation", cfg.n_comparison_posts_validation)):
+            rows = []
+            for i in range(n):
+                ex = make_example(rng, cfg)
+                rows += make_comparisons(rng, ex, split, f"syn-cmp-{split}-{i:06d}", cfg)
+            write_rows(data_dir / "comparisons" / f"{split}.jsonl", rows)
+
+    return write_stamped(data_dir, cfg, write_files)
